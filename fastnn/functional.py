@@ -1,0 +1,1 @@
+"""The functional API of every op (re-exported from fastnn.ops.<op>)."""

@@ -1,0 +1,3 @@
+"""One module per op: the functional API, autograd and fake registration.
+
+Importing an op module registers it with torch.library and fastnn.backends."""
