@@ -17,6 +17,7 @@
 // (float, or double for double inputs) whatever the dtype of x and of the parameters.
 #include <ATen/ATen.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
+#include <ATen/record_function.h>
 #include <torch/library.h>
 
 #include "cbam/cpu/cbam_cpu.h"
@@ -40,13 +41,16 @@ struct Kernels {
   decltype(&cpu::backward_reduce) backward_reduce;
   decltype(&cpu::backward_gate) backward_gate;
   decltype(&cpu::backward_input) backward_input;
+  // the spatial gate's small conv; null: use ATen's convolution (cuDNN on the GPU)
+  decltype(&cpu::spatial_conv) spatial_conv;
+  decltype(&cpu::spatial_conv_backward) spatial_conv_backward;
 };
 
-const Kernels kCpu{cpu::channel_pool, cpu::spatial_pool,  cpu::apply_gates,
-                   cpu::backward_reduce, cpu::backward_gate, cpu::backward_input};
+const Kernels kCpu{cpu::channel_pool,    cpu::spatial_pool,  cpu::apply_gates,  cpu::backward_reduce,
+                   cpu::backward_gate,    cpu::backward_input, cpu::spatial_conv, cpu::spatial_conv_backward};
 #ifdef FASTNN_WITH_CUDA
-const Kernels kCuda{cuda::channel_pool, cuda::spatial_pool,  cuda::apply_gates,
-                    cuda::backward_reduce, cuda::backward_gate, cuda::backward_input};
+const Kernels kCuda{cuda::channel_pool,  cuda::spatial_pool,  cuda::apply_gates, cuda::backward_reduce,
+                    cuda::backward_gate, cuda::backward_input, nullptr,           nullptr};
 #endif
 
 // The layout the kernels run in: channels_last when x is channels_last (and not also NCHW
@@ -116,10 +120,42 @@ Tensor channel_gate(const Tensor& pooled_c, const Tensor& W1, const Tensor& B1, 
 // conv weight in [mean, max] input order (the kernels always produce mean first)
 Tensor conv_weight_mean_first(const Tensor& cw, at::ScalarType a, bool mean_first) {
   Tensor w = cw.to(a);
-  return mean_first ? w : w.flip({1});
+  return (mean_first ? w : w.flip({1})).contiguous();
 }
 
-using FwdOut = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+// y = conv2d(ps, w, b, padding k/2) on [N, 2, H, W] -> [N, 1, H, W]
+Tensor spatial_conv(const Kernels& K, const Tensor& ps, const Tensor& w, const Tensor& b) {
+  const int64_t k = w.size(2);
+  if (!K.spatial_conv) return at::conv2d(ps, w, b, {1, 1}, {k / 2, k / 2});
+  Tensor y = at::empty({ps.size(0), 1, ps.size(2), ps.size(3)}, ps.options());
+  {
+    RECORD_FUNCTION("cbam::spatial_conv", std::vector<c10::IValue>());
+    K.spatial_conv(ps, w, y);
+  }
+  if (b.defined()) y.add_(b.reshape({}));
+  return y;
+}
+
+// (d ps, d w, d b) of spatial_conv; d b is undefined without a bias
+std::tuple<Tensor, Tensor, Tensor> spatial_conv_backward(const Kernels& K, const Tensor& dy, const Tensor& ps,
+                                                         const Tensor& w, bool has_bias) {
+  const int64_t k = w.size(2);
+  if (!K.spatial_conv_backward) {
+    auto r = at::convolution_backward(
+        dy, ps, w, has_bias ? at::OptionalIntArrayRef(at::IntArrayRef{1}) : at::OptionalIntArrayRef(), {1, 1},
+        {k / 2, k / 2}, {1, 1}, false, {0, 0}, 1, {true, true, has_bias});
+    return {std::get<0>(r), std::get<1>(r), has_bias ? std::get<2>(r) : Tensor()};
+  }
+  Tensor dyc = dy.contiguous();
+  Tensor dps = at::empty_like(ps), dw = at::empty_like(w);
+  {
+    RECORD_FUNCTION("cbam::spatial_conv_backward", std::vector<c10::IValue>());
+    K.spatial_conv_backward(dyc, ps, w, dps, dw);
+  }
+  return {dps, dw, has_bias ? dyc.sum().reshape({1}) : Tensor()};
+}
+
+using FwdOut = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 
 FwdOut cbam_forward(const Kernels& K, const Tensor& x, const Tensor& w1, const OptTensor& b1, const Tensor& w2,
                     const OptTensor& b2, const Tensor& conv_weight, const OptTensor& conv_bias,
@@ -138,13 +174,19 @@ FwdOut cbam_forward(const Kernels& K, const Tensor& x, const Tensor& w1, const O
   const int64_t k = conv_weight.size(2);
 
   Tensor pooled_c = at::empty({2, N, C}, opts), sel_c = at::empty({N, C}, opts.dtype(at::kInt));
-  K.channel_pool(xc, cl, first, pooled_c, sel_c);
+{
+    RECORD_FUNCTION("cbam::channel_pool", std::vector<c10::IValue>());
+    K.channel_pool(xc, cl, first, pooled_c, sel_c);
+  }
   Tensor g = channel_gate(pooled_c, w1.to(a), acc(b1, a), w2.to(a), acc(b2, a));
 
   Tensor pooled_s = at::empty({N, 2, H, W}, opts), sel_s = at::empty({N, H, W}, opts.dtype(at::kInt));
-  K.spatial_pool(xc, cl, g, first, pooled_s, sel_s);
-  Tensor y = at::conv2d(pooled_s, conv_weight_mean_first(conv_weight, a, mean_first), acc(conv_bias, a), {1, 1},
-                        {k / 2, k / 2});
+{
+    RECORD_FUNCTION("cbam::spatial_pool", std::vector<c10::IValue>());
+    K.spatial_pool(xc, cl, g, first, pooled_s, sel_s);
+  }
+  Tensor y = spatial_conv(K, pooled_s, conv_weight_mean_first(conv_weight, a, mean_first), acc(conv_bias, a));
+  Tensor conv_out = y;
   Tensor bn_stats = at::empty({0}, opts);
   if (spatial_bn) {
     Tensor mean, var;
@@ -163,8 +205,11 @@ FwdOut cbam_forward(const Kernels& K, const Tensor& x, const Tensor& w1, const O
   }
   Tensor s = at::sigmoid(y).contiguous();  // [N, 1, H, W]
   Tensor out = at::empty_like(xc);
-  K.apply_gates(xc, cl, g, s, out);
-  return {out, g, s, pooled_c, pooled_s, sel_c, sel_s, bn_stats};
+{
+    RECORD_FUNCTION("cbam::apply_gates", std::vector<c10::IValue>());
+    K.apply_gates(xc, cl, g, s, out);
+  }
+  return {out, g, s, pooled_c, pooled_s, conv_out, sel_c, sel_s, bn_stats};
 }
 
 using BwdOut = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
@@ -173,8 +218,8 @@ BwdOut cbam_backward(const Kernels& K, const Tensor& grad_out, const Tensor& x, 
                      const OptTensor& b1, const Tensor& w2, const OptTensor& b2, const Tensor& conv_weight,
                      const OptTensor& conv_bias, const OptTensor& bn_weight, const OptTensor& bn_bias, bool spatial_bn,
                      bool bn_training, double bn_eps, bool mean_first, bool max_first_index, const Tensor& gate_c,
-                     const Tensor& gate_s, const Tensor& pooled_c, const Tensor& pooled_s, const Tensor& sel_c,
-                     const Tensor& sel_s, const Tensor& bn_stats, bool needs_input_grad) {
+                     const Tensor& gate_s, const Tensor& pooled_c, const Tensor& pooled_s, const Tensor& conv_out,
+                     const Tensor& sel_c, const Tensor& sel_s, const Tensor& bn_stats, bool needs_input_grad) {
   check_x(x);
   TORCH_CHECK_VALUE(grad_out.sizes() == x.sizes(), "grad_out must have x's shape ", x.sizes(), ", got ",
                     grad_out.sizes());
@@ -194,7 +239,10 @@ BwdOut cbam_backward(const Kernels& K, const Tensor& grad_out, const Tensor& x, 
 
   // 1. the two reductions of dout*x
   Tensor ds = at::empty({N, 1, H, W}, opts), dg = at::empty({N, C}, opts);
-  K.backward_reduce(dout, xc, cl, g, s, ds, dg);
+{
+    RECORD_FUNCTION("cbam::backward_reduce", std::vector<c10::IValue>());
+    K.backward_reduce(dout, xc, cl, g, s, ds, dg);
+  }
 
   // 2. spatial gate backward: sigmoid, BN, conv
   Tensor dy = ds * s * (1 - s);
@@ -202,7 +250,7 @@ BwdOut cbam_backward(const Kernels& K, const Tensor& grad_out, const Tensor& x, 
   Tensor cb = acc(conv_bias, a);
   Tensor d_bn_w = empty0(pooled_s), d_bn_b = empty0(pooled_s);
   if (spatial_bn) {
-    Tensor y = at::conv2d(ps, wc, cb, {1, 1}, {k / 2, k / 2});
+    const Tensor& y = conv_out;
     Tensor mean = bn_stats[0], invstd = at::rsqrt(bn_stats[1] + bn_eps);
     Tensor xhat = (y - mean) * invstd;
     Tensor bw = acc(bn_weight, a);
@@ -211,9 +259,7 @@ BwdOut cbam_backward(const Kernels& K, const Tensor& grad_out, const Tensor& x, 
     Tensor scale = bw.defined() ? invstd * bw.reshape({}) : invstd;
     dy = bn_training ? scale * (dy - dy.mean() - xhat * (dy * xhat).mean()) : scale * dy;
   }
-  auto conv_grads = at::convolution_backward(
-      dy, ps, wc, cb.defined() ? at::OptionalIntArrayRef(at::IntArrayRef{1}) : at::OptionalIntArrayRef(), {1, 1},
-      {k / 2, k / 2}, {1, 1}, false, {0, 0}, 1, {true, true, cb.defined()});
+  auto conv_grads = spatial_conv_backward(K, dy, ps, wc, cb.defined());
   Tensor dps = std::get<0>(conv_grads);
   Tensor dwc = std::get<1>(conv_grads);
   if (!mean_first) dwc = dwc.flip({1});
@@ -225,7 +271,10 @@ BwdOut cbam_backward(const Kernels& K, const Tensor& grad_out, const Tensor& x, 
 
   // 3. dL/dg through the spatial pool, added to the direct part
   Tensor dg2 = at::empty({N, C}, opts);
-  K.backward_gate(xc, cl, g, wa, em, ps, sels, first, dg2);
+{
+    RECORD_FUNCTION("cbam::backward_gate", std::vector<c10::IValue>());
+    K.backward_gate(xc, cl, g, wa, em, ps, sels, first, dg2);
+  }
   dg.add_(dg2);
 
   // 4. channel gate backward: sigmoid, MLP (shared by the mean and the max rows)
@@ -249,7 +298,10 @@ BwdOut cbam_backward(const Kernels& K, const Tensor& grad_out, const Tensor& x, 
     Tensor dmx = dv.narrow(0, N, N);
     Tensor e2 = (first ? dmx : dmx / selc).contiguous();
     dx = at::empty_like(xc);
-    K.backward_input(dout, xc, cl, g, s, wa, em, ps, sels, a2, e2, pc, selc, first, dx);
+{
+      RECORD_FUNCTION("cbam::backward_input", std::vector<c10::IValue>());
+      K.backward_input(dout, xc, cl, g, s, wa, em, ps, sels, a2, e2, pc, selc, first, dx);
+    }
   }
   return {dx,
           dW1.to(w1.scalar_type()),
@@ -272,7 +324,10 @@ std::tuple<Tensor, Tensor> channel_pool(const Kernels& K, const Tensor& x, bool 
   auto opts = x.options().dtype(acc_type(x));
   Tensor pooled = at::empty({2, x.size(0), x.size(1)}, opts);
   Tensor sel = at::empty({x.size(0), x.size(1)}, opts.dtype(at::kInt));
-  K.channel_pool(xc, cl, max_first_index, pooled, sel);
+{
+    RECORD_FUNCTION("cbam::channel_pool", std::vector<c10::IValue>());
+    K.channel_pool(xc, cl, max_first_index, pooled, sel);
+  }
   return {pooled, sel};
 }
 
@@ -286,8 +341,11 @@ Tensor channel_pool_backward(const Kernels& K, const Tensor& grad_pooled, const 
   Tensor a2 = (gp[0] / static_cast<double>(P)).contiguous();
   Tensor e2 = (max_first_index ? gp[1] : gp[1] / sel).contiguous();
   Tensor dx = at::empty_like(xc);
-  K.backward_input(Tensor(), xc, cl, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), a2, e2,
+{
+    RECORD_FUNCTION("cbam::backward_input", std::vector<c10::IValue>());
+    K.backward_input(Tensor(), xc, cl, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), a2, e2,
                    pooled.contiguous(), sel.contiguous(), max_first_index, dx);
+  }
   return dx;
 }
 
@@ -298,7 +356,10 @@ std::tuple<Tensor, Tensor> spatial_pool(const Kernels& K, const Tensor& x, bool 
   auto opts = x.options().dtype(acc_type(x));
   Tensor pooled = at::empty({x.size(0), 2, x.size(2), x.size(3)}, opts);
   Tensor sel = at::empty({x.size(0), x.size(2), x.size(3)}, opts.dtype(at::kInt));
-  K.spatial_pool(xc, cl, Tensor(), max_first_index, pooled, sel);
+{
+    RECORD_FUNCTION("cbam::spatial_pool", std::vector<c10::IValue>());
+    K.spatial_pool(xc, cl, Tensor(), max_first_index, pooled, sel);
+  }
   return {pooled, sel};
 }
 
@@ -311,8 +372,11 @@ Tensor spatial_pool_backward(const Kernels& K, const Tensor& grad_pooled, const 
   Tensor wa = (gp.select(1, 0) / static_cast<double>(x.size(1))).contiguous();
   Tensor em = (max_first_index ? gp.select(1, 1) : gp.select(1, 1) / sel).contiguous();
   Tensor dx = at::empty_like(xc);
-  K.backward_input(Tensor(), xc, cl, Tensor(), Tensor(), wa, em, pooled.contiguous(), sel.contiguous(), Tensor(),
+{
+    RECORD_FUNCTION("cbam::backward_input", std::vector<c10::IValue>());
+    K.backward_input(Tensor(), xc, cl, Tensor(), Tensor(), wa, em, pooled.contiguous(), sel.contiguous(), Tensor(),
                    Tensor(), Tensor(), Tensor(), max_first_index, dx);
+  }
   return dx;
 }
 
@@ -329,9 +393,10 @@ struct Impl {
                     const OptTensor& b2, const Tensor& cw, const OptTensor& cb, const OptTensor& bnw,
                     const OptTensor& bnb, bool spatial_bn, bool bn_training, double eps, bool mean_first,
                     bool max_first_index, const Tensor& gc, const Tensor& gs, const Tensor& pc, const Tensor& ps,
-                    const Tensor& selc, const Tensor& sels, const Tensor& stats, bool needs_input_grad) {
+                    const Tensor& co, const Tensor& selc, const Tensor& sels, const Tensor& stats,
+                    bool needs_input_grad) {
     return cbam_backward(*K, go, x, w1, b1, w2, b2, cw, cb, bnw, bnb, spatial_bn, bn_training, eps, mean_first,
-                         max_first_index, gc, gs, pc, ps, selc, sels, stats, needs_input_grad);
+                         max_first_index, gc, gs, pc, ps, co, selc, sels, stats, needs_input_grad);
   }
   static std::tuple<Tensor, Tensor> cpool(const Tensor& x, bool f) { return channel_pool(*K, x, f); }
   static Tensor cpool_bwd(const Tensor& g, const Tensor& x, const Tensor& p, const Tensor& s, bool f) {
@@ -361,20 +426,21 @@ TORCH_LIBRARY_FRAGMENT(fastnn, m) {
   // x: [N, C, H, W]; w1: [hidden, C]; w2: [C, hidden]; conv_weight: [1, 2, k, k] in the module's
   // input order (mean_first: [mean, max], else [max, mean]). Returns out and what the backward needs:
   // gate_c [N, C], gate_s [N, 1, H, W], pooled_c [2, N, C] (mean, max), pooled_s [N, 2, H, W]
-  // (mean, max), sel_c [N, C] / sel_s [N, H, W] (first max index, or tie count when
+  // (mean, max), conv_out [N, 1, H, W] (the spatial conv's output, before the BN), sel_c [N, C] / sel_s [N, H, W] (first max index, or tie count when
   // max_first_index is false), bn_stats [2] (mean, biased var used by the BN; [0] without BN).
   m.def(
       "cbam(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor conv_weight, Tensor? conv_bias, "
       "Tensor? bn_weight, Tensor? bn_bias, Tensor? bn_running_mean, Tensor? bn_running_var, bool spatial_bn, "
       "bool bn_training, float bn_eps, bool mean_first, bool max_first_index) -> (Tensor out, Tensor gate_c, "
-      "Tensor gate_s, Tensor pooled_c, Tensor pooled_s, Tensor sel_c, Tensor sel_s, Tensor bn_stats)");
+      "Tensor gate_s, Tensor pooled_c, Tensor pooled_s, Tensor conv_out, Tensor sel_c, Tensor sel_s, "
+      "Tensor bn_stats)");
   // Gradients of x, w1, b1, w2, b2, conv_weight, conv_bias, bn_weight, bn_bias ([0]-sized when absent
   // or, for x, when needs_input_grad is false).
   m.def(
       "cbam_backward(Tensor grad_out, Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor conv_weight, "
       "Tensor? conv_bias, Tensor? bn_weight, Tensor? bn_bias, bool spatial_bn, bool bn_training, float bn_eps, "
       "bool mean_first, bool max_first_index, Tensor gate_c, Tensor gate_s, Tensor pooled_c, Tensor pooled_s, "
-      "Tensor sel_c, Tensor sel_s, Tensor bn_stats, bool needs_input_grad) -> (Tensor, Tensor, Tensor, Tensor, "
+      "Tensor conv_out, Tensor sel_c, Tensor sel_s, Tensor bn_stats, bool needs_input_grad) -> (Tensor, Tensor, Tensor, Tensor, "
       "Tensor, Tensor, Tensor, Tensor, Tensor)");
   // pooled [2, N, C] (mean, max over H*W), sel [N, C]
   m.def("cbam_channel_pool(Tensor x, bool max_first_index) -> (Tensor pooled, Tensor sel)");

@@ -156,7 +156,7 @@ def cbam(x: Tensor, mlp_weight1: Tensor, mlp_weight2: Tensor, conv_weight: Tenso
                                 bool(spatial_bn), bool(bn_training), float(bn_eps),
                                 spatial_order == "mean_max", max_ties == "first")
     if spatial_bn and bn_training and bn_running_mean is not None:
-        _update_running_stats(res[7], bn_running_mean, bn_running_var, bn_momentum, x.shape[0] * x.shape[2] * x.shape[3])
+        _update_running_stats(res[8], bn_running_mean, bn_running_var, bn_momentum, x.shape[0] * x.shape[2] * x.shape[3])
     return res[0]
 
 
@@ -175,13 +175,13 @@ def _cbam_fake(x, w1, b1, w2, b2, conv_weight, conv_bias, bn_weight, bn_bias, rm
     out = torch.empty_like(x, memory_format=_layout(x))
     opts = dict(dtype=acc, device=x.device)
     return (out, x.new_empty((N, C), **opts), x.new_empty((N, 1, H, W), **opts), x.new_empty((2, N, C), **opts),
-            x.new_empty((N, 2, H, W), **opts), x.new_empty((N, C), dtype=torch.int32),
+            x.new_empty((N, 2, H, W), **opts), x.new_empty((N, 1, H, W), **opts), x.new_empty((N, C), dtype=torch.int32),
             x.new_empty((N, H, W), dtype=torch.int32), x.new_empty((2 if spatial_bn else 0,), **opts))
 
 
 def _cbam_backward_fake(grad_out, x, w1, b1, w2, b2, conv_weight, conv_bias, bn_weight, bn_bias, spatial_bn,
                         bn_training, bn_eps, mean_first, max_first_index, gate_c, gate_s, pooled_c, pooled_s,
-                        sel_c, sel_s, bn_stats, needs_input_grad):
+                        conv_out, sel_c, sel_s, bn_stats, needs_input_grad):
     def like(t):
         return t.new_empty(t.shape) if t is not None else x.new_empty((0,), dtype=gate_c.dtype)
 
@@ -215,11 +215,11 @@ def _cbam_setup(ctx, inputs, output):
 
 
 def _cbam_backward(ctx, grad_out, *_):
-    x, w1, b1, w2, b2, cw, cb, bnw, bnb, gc, gs, pc, ps, selc, sels, stats = ctx.saved_tensors
+    x, w1, b1, w2, b2, cw, cb, bnw, bnb, gc, gs, pc, ps, co, selc, sels, stats = ctx.saved_tensors
     spatial_bn, bn_training, bn_eps, mean_first, max_first_index = ctx.flags
     grads = torch.ops.fastnn.cbam_backward(grad_out.to(x.dtype), x, w1, b1, w2, b2, cw, cb, bnw, bnb, spatial_bn,
-                                           bn_training, bn_eps, mean_first, max_first_index, gc, gs, pc, ps, selc,
-                                           sels, stats, ctx.needs_input_grad[0])
+                                           bn_training, bn_eps, mean_first, max_first_index, gc, gs, pc, ps, co,
+                                           selc, sels, stats, ctx.needs_input_grad[0])
     dx, dw1, db1, dw2, db2, dcw, dcb, dbnw, dbnb = grads
     b1p, b2p, cbp, bnwp, bnbp = ctx.present
     return (dx if ctx.needs_input_grad[0] else None, dw1, db1 if b1p else None, dw2, db2 if b2p else None, dcw,

@@ -34,6 +34,12 @@ void backward_input(const at::Tensor& dout, const at::Tensor& x, bool cl, const 
                     const at::Tensor& a2, const at::Tensor& e2, const at::Tensor& pooled_c, const at::Tensor& sel_c,
                     bool first, at::Tensor& dx);
 
+// The spatial gate's conv without bias: y = conv2d(ps, w, padding=k/2) and its two gradients.
+// ps [N, 2, H, W], w [1, 2, k, k], y / dy [N, 1, H, W]: contiguous, float or double.
+void spatial_conv(const at::Tensor& ps, const at::Tensor& w, at::Tensor& y);
+void spatial_conv_backward(const at::Tensor& dy, const at::Tensor& ps, const at::Tensor& w, at::Tensor& dps,
+                           at::Tensor& dw);
+
 }  // namespace cpu
 }  // namespace cbam
 }  // namespace fastnn
