@@ -69,7 +69,9 @@ Tensor acc(const OptTensor& t, at::ScalarType a) {
   return t.has_value() && t->defined() ? t->to(a) : Tensor();
 }
 
-Tensor empty0(const Tensor& like) { return at::empty({0}, like.options()); }
+// Stands for an absent gradient: one zero element (0-element tensors would all share a null data
+// pointer and count as aliasing each other, which the fake kernels cannot mirror).
+Tensor empty0(const Tensor& like) { return at::zeros({1}, like.options()); }
 
 void check_x(const Tensor& x, const char* name = "x") {
   check_dim(x, 4, name);
@@ -434,8 +436,8 @@ TORCH_LIBRARY_FRAGMENT(fastnn, m) {
       "bool bn_training, float bn_eps, bool mean_first, bool max_first_index) -> (Tensor out, Tensor gate_c, "
       "Tensor gate_s, Tensor pooled_c, Tensor pooled_s, Tensor conv_out, Tensor sel_c, Tensor sel_s, "
       "Tensor bn_stats)");
-  // Gradients of x, w1, b1, w2, b2, conv_weight, conv_bias, bn_weight, bn_bias ([0]-sized when absent
-  // or, for x, when needs_input_grad is false).
+  // Gradients of x, w1, b1, w2, b2, conv_weight, conv_bias, bn_weight, bn_bias (a 1-element zero
+  // tensor when the input is absent or, for x, when needs_input_grad is false).
   m.def(
       "cbam_backward(Tensor grad_out, Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor conv_weight, "
       "Tensor? conv_bias, Tensor? bn_weight, Tensor? bn_bias, bool spatial_bn, bool bn_training, float bn_eps, "

@@ -182,15 +182,15 @@ def _cbam_fake(x, w1, b1, w2, b2, conv_weight, conv_bias, bn_weight, bn_bias, rm
 def _cbam_backward_fake(grad_out, x, w1, b1, w2, b2, conv_weight, conv_bias, bn_weight, bn_bias, spatial_bn,
                         bn_training, bn_eps, mean_first, max_first_index, gate_c, gate_s, pooled_c, pooled_s,
                         conv_out, sel_c, sel_s, bn_stats, needs_input_grad):
-    def like(t):
-        return t.new_empty(t.shape) if t is not None else x.new_empty((0,), dtype=gate_c.dtype)
+    def like(t):  # absent gradients are a 1-element zero tensor (see the schema in csrc/cbam/cbam.cpp)
+        return t.new_empty(t.shape) if t is not None else x.new_empty((1,), dtype=gate_c.dtype)
 
-    dx = torch.empty_like(x, memory_format=_layout(x)) if needs_input_grad else x.new_empty((0,))
+    dx = torch.empty_like(x, memory_format=_layout(x)) if needs_input_grad else x.new_empty((1,))
     if spatial_bn:
         dbw = like(bn_weight).reshape(-1) if bn_weight is not None else like(None)
         dbb = like(bn_bias).reshape(-1) if bn_bias is not None else like(None)
     else:
-        dbw = dbb = like(None)
+        dbw, dbb = like(None), like(None)
     return (dx, like(w1), like(b1), like(w2), like(b2), like(conv_weight), like(conv_bias), dbw, dbb)
 
 
@@ -292,6 +292,18 @@ def _make_pool_backward(bwd_op):
     return backward
 
 
+def _no_double_backward(name):
+    def backward(ctx, *grads):
+        raise NotImplementedError(f"fastnn.{name}: double backward (create_graph=True through the backward) is not "
+                                  f"supported; use the reference backend (backend='reference') for higher-order "
+                                  f"gradients")
+    return backward
+
+
+def _noop_setup(ctx, inputs, output):
+    pass
+
+
 # Fake kernels and autograd exist only where the compiled ops do (else everything runs the reference).
 _HAVE_OPS = _ext.EXT is not None and hasattr(torch.ops.fastnn, "cbam")
 if _HAVE_OPS:
@@ -308,3 +320,5 @@ if _HAVE_OPS:
     torch.library.register_autograd("fastnn::cbam_spatial_pool",
                                     _make_pool_backward(torch.ops.fastnn.cbam_spatial_pool_backward),
                                     setup_context=_pool_setup)
+    for _name in ("cbam_backward", "cbam_channel_pool_backward", "cbam_spatial_pool_backward"):
+        torch.library.register_autograd(f"fastnn::{_name}", _no_double_backward(_name), setup_context=_noop_setup)

@@ -25,7 +25,8 @@ constexpr int kLanes = 16;       // independent running maxima in a row reductio
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// grain for parallel_for over rows of `len` elements: about 32K elements per chunk
+// grain for parallel_for over tasks of `len` elements each: about 32K elements per chunk, so small
+// inputs run on the calling thread (starting a parallel region costs more than they take)
 inline int64_t grain_for(int64_t len) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, len)); }
 
 // select without a conditional store: b where take, else a
@@ -129,7 +130,7 @@ void channel_pool_impl(const scalar_t* x, int64_t N, int64_t C, int64_t P, bool 
   }
   // channels_last: a tile of channels accumulated over all pixels, vectorized over channels
   const int64_t nb = ceil_div(C, kBlock);
-  at::parallel_for(0, N * nb, 1, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, N * nb, grain_for(P * std::min(kBlock, C)), [&](int64_t b, int64_t e) {
     acc_t sum[kBlock], m[kBlock];
     int32_t idx[kBlock], cnt[kBlock];
     for (int64_t t = b; t < e; ++t) {
@@ -174,7 +175,7 @@ void spatial_pool_impl(const scalar_t* x, int64_t N, int64_t C, int64_t P, bool 
   }
   // NCHW: a tile of pixels, walked channel by channel (rows of the tile are contiguous)
   const int64_t nb = ceil_div(P, kBlock);
-  at::parallel_for(0, N * nb, 1, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, N * nb, grain_for(C * std::min(kBlock, P)), [&](int64_t b, int64_t e) {
     acc_t sum[kBlock], m[kBlock];
     int32_t idx[kBlock], cnt[kBlock];
     for (int64_t t = b; t < e; ++t) {
@@ -247,7 +248,7 @@ template <typename scalar_t, typename acc_t>
 void backward_reduce_impl(const scalar_t* dout, const scalar_t* x, int64_t N, int64_t C, int64_t P, bool cl,
                           const acc_t* g, const acc_t* s, acc_t* ds, acc_t* dg_part, int64_t nb) {
   // dg_part: [N, nb, C] partial sums over the pixel tiles, summed by the caller
-  at::parallel_for(0, N * nb, 1, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, N * nb, grain_for(C * std::min(kBlock, P)), [&](int64_t b, int64_t e) {
     acc_t dsl[kBlock];
     for (int64_t t = b; t < e; ++t) {
       const int64_t n = t / nb, p0 = (t % nb) * kBlock, len = std::min(kBlock, P - p0);
@@ -300,7 +301,7 @@ void backward_gate_impl(const scalar_t* x, int64_t N, int64_t C, int64_t P, bool
     });
     return;
   }
-  at::parallel_for(0, N * nb, 1, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, N * nb, grain_for(C * std::min(kBlock, P)), [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
       const int64_t n = t / nb, p0 = (t % nb) * kBlock, len = std::min(kBlock, P - p0);
       const acc_t* __restrict gn = g + n * C;
@@ -421,7 +422,7 @@ void backward_input_impl(const DxArgs<scalar_t, acc_t>& A, const scalar_t* x, in
 template <typename acc_t>
 void spatial_conv_impl(const acc_t* ps, const acc_t* w, int64_t N, int64_t H, int64_t W, int64_t k, acc_t* y) {
   const int64_t r = k / 2;
-  at::parallel_for(0, N * H, std::max<int64_t>(1, 4096 / (W * k * k * 2)), [&](int64_t b, int64_t e) {
+  at::parallel_for(0, N * H, grain_for(W * k * k * 2), [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
       const int64_t n = t / H, h = t % H;
       acc_t* __restrict yr = y + t * W;
@@ -447,7 +448,7 @@ void spatial_conv_backward_impl(const acc_t* dy, const acc_t* ps, const acc_t* w
                                 int64_t k, acc_t* dps, acc_t* dw) {
   const int64_t r = k / 2;
   // input gradient: dps[n, ci, h, :] = sum_{kh, kw} dy[n, h - kh + r, : - kw + r] * w[ci, kh, kw]
-  at::parallel_for(0, N * 2 * H, std::max<int64_t>(1, 4096 / (W * k * k)), [&](int64_t b, int64_t e) {
+  at::parallel_for(0, N * 2 * H, grain_for(W * k * k), [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
       const int64_t h = t % H, ci = (t / H) % 2, n = t / (2 * H);
       acc_t* __restrict o = dps + t * W;
@@ -466,7 +467,7 @@ void spatial_conv_backward_impl(const acc_t* dy, const acc_t* ps, const acc_t* w
     }
   });
   // weight gradient: dw[ci, kh, kw] = sum_{n, h, w} dy[n, h, w] * ps[n, ci, h + kh - r, w + kw - r]
-  at::parallel_for(0, 2 * k * k, 1, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, 2 * k * k, grain_for(N * H * W), [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
       const int64_t kw = t % k, kh = (t / k) % k, ci = t / (k * k);
       const int64_t lo = std::max<int64_t>(0, r - kw), hi_w = std::min<int64_t>(W, W + r - kw);
