@@ -435,26 +435,28 @@ def test_pool_ops_match_reference(max_ties):
 # ---------------------------------------------------------------- opcheck, compile
 
 
-def _op_samples():
+def _op_samples(device="cpu"):
     g = torch.Generator().manual_seed(5)
     out = []
     for cl, bn, bias, first in [(False, False, False, True), (True, True, True, False), (False, True, False, False)]:
-        x = torch.randn(2, 12, 5, 6, generator=g)
+        x = torch.randn(2, 12, 5, 6, generator=g).to(device)
         if cl:
             x = x.contiguous(memory_format=torch.channels_last)
         x.requires_grad_()
 
         def p(*s):
-            return torch.randn(*s, generator=g).requires_grad_()
-        out.append((x, p(3, 12), p(3) if bias else None, p(12, 3), p(12) if bias else None, p(1, 2, 3, 3),
+            return torch.randn(*s, generator=g).to(device).requires_grad_()
+        z, o = torch.zeros(1, device=device), torch.ones(1, device=device)
+        out.append((x, p(3, 12), p(3) if bias else None, p(12, 3, 1, 1), p(12) if bias else None, p(1, 2, 3, 3),
                     p(1) if bias else None, p(1) if bn else None, p(1) if bn else None,
-                    torch.zeros(1) if bn else None, torch.ones(1) if bn else None, bn, bn and cl, 1e-5, not cl, first))
+                    z if bn else None, o if bn else None, bn, bn and cl, 1e-5, not cl, first))
     return out
 
 
 @needs_ext
-def test_opcheck():
-    for args in _op_samples():
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    for args in _op_samples(device):
         torch.library.opcheck(torch.ops.fastnn.cbam.default, args)
         with torch.no_grad():
             res = torch.ops.fastnn.cbam(*args)
@@ -464,7 +466,7 @@ def test_opcheck():
                       for a in (gout, *args[:9], *args[11:16], *res[1:], True))
         torch.library.opcheck(torch.ops.fastnn.cbam_backward.default, bargs)
     for first in (True, False):
-        x = torch.randn(2, 7, 3, 5, requires_grad=True)
+        x = torch.randn(2, 7, 3, 5, device=device, requires_grad=True)
         for name in ("cbam_channel_pool", "cbam_spatial_pool"):
             torch.library.opcheck(getattr(torch.ops.fastnn, name).default, (x, first))
             with torch.no_grad():
@@ -483,17 +485,18 @@ def test_double_backward_raises():
 
 
 @needs_ext
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_torch_compile_fullgraph(backend):
+def test_torch_compile_fullgraph(device, backend):
     torch._dynamo.reset()
-    t = _randomize(CbamModule(32, rd_ratio=1 / 8) if CbamModule is not None else TutCBAM(32, 8))
+    t = _randomize(CbamModule(32, rd_ratio=1 / 8) if CbamModule is not None else TutCBAM(32, 8)).to(device)
     f = CBAM.from_module(t)
     fc = torch.compile(copy.deepcopy(f), fullgraph=True, backend=backend)
     for cl in (False, True):
-        x = torch.randn(2, 32, 8, 8)
+        x = torch.randn(2, 32, 8, 8, device=device)
         if cl:
             x = x.contiguous(memory_format=torch.channels_last)
-        gout = torch.randn(x.shape)
+        gout = torch.randn(x.shape, device=device)
         oe, gxe, gpe = _fwd_bwd(f, x, gout)
         oc, gxc, gpc = _fwd_bwd(fc, x, gout)
         torch.testing.assert_close(oc, oe)
@@ -551,17 +554,19 @@ def test_cpp_checks_for_direct_callers():
                               torch.randn(1, 2, 3, 3), None, None, None, None, None, False, False, 1e-5, True, True)
 
 
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 @pytest.mark.cuda
-def test_cuda_large_shapes_match_reference():
-    # the ResNet-50 stage shapes the benchmarks use, smaller batch: both layouts, both tie rules
-    for C, HW in [(256, 56), (512, 28), (1024, 14), (2048, 7)]:
-        for cl in (False, True):
-            for ties in ("first", "split"):
-                f = _randomize(CBAM(C, max_ties=ties, spatial_bn=True)).cuda().train()
-                x = torch.randn(4, C, HW, HW, device="cuda")
-                if cl:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                ref = copy.deepcopy(f)
-                ref.backend = "reference"
-                _compare(f, ref, x)
+@pytest.mark.parametrize("device", ["cuda"])
+@pytest.mark.parametrize("C, HW", [(256, 56), (512, 28), (1024, 14), (2048, 7)])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("max_ties", ["first", "split"])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("fused", ["1", "0"])
+def test_resnet_stage_shapes(device, C, HW, layout, max_ties, training, fused, monkeypatch):
+    # ResNet-50's stage shapes (batch 4), both layouts and tie rules, BN in train and eval mode; on CUDA
+    # the small samples run the one-launch forward unless FASTNN_CBAM_FUSED=0
+    monkeypatch.setenv("FASTNN_CBAM_FUSED", fused)
+    f = _randomize(CBAM(C, max_ties=max_ties, spatial_bn=True)).to(device).train(training)
+    ref = copy.deepcopy(f)
+    ref.backend = "reference"
+    x = _layout(torch.randn(4, C, HW, HW, device=device), layout)
+    _compare(f, ref, x)

@@ -33,6 +33,12 @@ namespace {
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 
+// The whole forward in one launch where it applies (cuda/cbam_cuda.h: fused_forward)
+using FusedForwardFn = bool (*)(const Tensor&, bool, bool, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                const Tensor&, double, Tensor&, Tensor&, Tensor&, Tensor&, Tensor&, Tensor&, Tensor&,
+                                Tensor&);
+
 // The x-sized passes of one device (signatures as in cpu/cbam_cpu.h).
 struct Kernels {
   decltype(&cpu::channel_pool) channel_pool;
@@ -44,13 +50,16 @@ struct Kernels {
   // the spatial gate's small conv; null: use ATen's convolution (cuDNN on the GPU)
   decltype(&cpu::spatial_conv) spatial_conv;
   decltype(&cpu::spatial_conv_backward) spatial_conv_backward;
+  FusedForwardFn fused_forward;  // null: always the multi-kernel forward
 };
 
 const Kernels kCpu{cpu::channel_pool,    cpu::spatial_pool,  cpu::apply_gates,  cpu::backward_reduce,
-                   cpu::backward_gate,    cpu::backward_input, cpu::spatial_conv, cpu::spatial_conv_backward};
+                   cpu::backward_gate,    cpu::backward_input, cpu::spatial_conv, cpu::spatial_conv_backward,
+                   nullptr};
 #ifdef FASTNN_WITH_CUDA
 const Kernels kCuda{cuda::channel_pool,  cuda::spatial_pool,  cuda::apply_gates, cuda::backward_reduce,
-                    cuda::backward_gate, cuda::backward_input, nullptr,           nullptr};
+                    cuda::backward_gate, cuda::backward_input, nullptr,           nullptr,
+                    cuda::fused_forward};
 #endif
 
 // The layout the kernels run in: channels_last when x is channels_last (and not also NCHW
@@ -81,16 +90,24 @@ void check_x(const Tensor& x, const char* name = "x") {
                     ": C*H*W must be below 2^31 per sample, got shape ", x.sizes());
 }
 
+// an MLP weight as a Linear ([out, in]) or a 1x1 Conv2d ([out, in, 1, 1]) has it
+bool is_mlp_weight(const Tensor& w) {
+  return w.dim() == 2 || (w.dim() == 4 && w.size(2) == 1 && w.size(3) == 1);
+}
+
+// the MLP weight as [out, in] in the accumulation type
+Tensor mlp_weight(const Tensor& w, at::ScalarType a) { return w.to(a).reshape({w.size(0), w.size(1)}); }
+
 void check_params(const Tensor& x, const Tensor& w1, const OptTensor& b1, const Tensor& w2, const OptTensor& b2,
                   const Tensor& cw, const OptTensor& cb, bool spatial_bn, bool bn_training, const OptTensor& rm,
                   const OptTensor& rv) {
   check_x(x);
   const int64_t C = x.size(1);
-  TORCH_CHECK_VALUE(w1.dim() == 2 && w1.size(1) == C && w1.size(0) >= 1, "w1 must be [hidden, C] = [*, ", C,
-                    "], got ", w1.sizes());
+  TORCH_CHECK_VALUE(is_mlp_weight(w1) && w1.size(1) == C && w1.size(0) >= 1, "w1 must be [hidden, C] = [*, ", C,
+                    "] (or [hidden, C, 1, 1]), got ", w1.sizes());
   const int64_t Cr = w1.size(0);
-  TORCH_CHECK_VALUE(w2.dim() == 2 && w2.size(0) == C && w2.size(1) == Cr, "w2 must be [C, hidden] = [", C, ", ", Cr,
-                    "], got ", w2.sizes());
+  TORCH_CHECK_VALUE(is_mlp_weight(w2) && w2.size(0) == C && w2.size(1) == Cr, "w2 must be [C, hidden] = [", C, ", ",
+                    Cr, "] (or [C, hidden, 1, 1]), got ", w2.sizes());
   if (b1.has_value()) TORCH_CHECK_VALUE(b1->numel() == Cr, "b1 must have ", Cr, " elements, got ", b1->sizes());
   if (b2.has_value()) TORCH_CHECK_VALUE(b2->numel() == C, "b2 must have ", C, " elements, got ", b2->sizes());
   TORCH_CHECK_VALUE(cw.dim() == 4 && cw.size(0) == 1 && cw.size(1) == 2 && cw.size(2) == cw.size(3) &&
@@ -173,17 +190,36 @@ FwdOut cbam_forward(const Kernels& K, const Tensor& x, const Tensor& w1, const O
   const auto a = acc_type(x);
   auto opts = x.options().dtype(a);
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  const int64_t k = conv_weight.size(2);
 
   Tensor pooled_c = at::empty({2, N, C}, opts), sel_c = at::empty({N, C}, opts.dtype(at::kInt));
-{
+  if (K.fused_forward && !(spatial_bn && bn_training)) {
+    // small samples: everything in one launch (BN statistics from the running buffers only)
+    Tensor g = at::empty({N, C}, opts), s = at::empty({N, 1, H, W}, opts);
+    Tensor pooled_s = at::empty({N, 2, H, W}, opts), conv_out = at::empty({N, 1, H, W}, opts);
+    Tensor sel_s = at::empty({N, H, W}, opts.dtype(at::kInt)), out = at::empty_like(xc);
+    Tensor rm = spatial_bn ? acc(bn_running_mean, a) : Tensor(), rv = spatial_bn ? acc(bn_running_var, a) : Tensor();
+    Tensor bw = spatial_bn ? acc(bn_weight, a) : Tensor(), bb = spatial_bn ? acc(bn_bias, a) : Tensor();
+    bool done;
+    {
+      RECORD_FUNCTION("cbam::fused_forward", std::vector<c10::IValue>());
+      done = K.fused_forward(xc, cl, first, mlp_weight(w1, a).contiguous(), acc(b1, a),
+                             mlp_weight(w2, a).contiguous(), acc(b2, a),
+                             conv_weight_mean_first(conv_weight, a, mean_first), acc(conv_bias, a), rm, rv, bw, bb,
+                             bn_eps, out, g, s, pooled_c, pooled_s, conv_out, sel_c, sel_s);
+    }
+    if (done) {
+      Tensor bn_stats = spatial_bn ? at::stack({rm.reshape({}), rv.reshape({})}) : at::empty({0}, opts);
+      return {out, g, s, pooled_c, pooled_s, conv_out, sel_c, sel_s, bn_stats};
+    }
+  }
+  {
     RECORD_FUNCTION("cbam::channel_pool", std::vector<c10::IValue>());
     K.channel_pool(xc, cl, first, pooled_c, sel_c);
   }
-  Tensor g = channel_gate(pooled_c, w1.to(a), acc(b1, a), w2.to(a), acc(b2, a));
+  Tensor g = channel_gate(pooled_c, mlp_weight(w1, a), acc(b1, a), mlp_weight(w2, a), acc(b2, a));
 
   Tensor pooled_s = at::empty({N, 2, H, W}, opts), sel_s = at::empty({N, H, W}, opts.dtype(at::kInt));
-{
+  {
     RECORD_FUNCTION("cbam::spatial_pool", std::vector<c10::IValue>());
     K.spatial_pool(xc, cl, g, first, pooled_s, sel_s);
   }
@@ -207,7 +243,7 @@ FwdOut cbam_forward(const Kernels& K, const Tensor& x, const Tensor& w1, const O
   }
   Tensor s = at::sigmoid(y).contiguous();  // [N, 1, H, W]
   Tensor out = at::empty_like(xc);
-{
+  {
     RECORD_FUNCTION("cbam::apply_gates", std::vector<c10::IValue>());
     K.apply_gates(xc, cl, g, s, out);
   }
@@ -234,14 +270,13 @@ BwdOut cbam_backward(const Kernels& K, const Tensor& grad_out, const Tensor& x, 
   const auto a = acc_type(x);
   auto opts = x.options().dtype(a);
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), P = H * W;
-  const int64_t k = conv_weight.size(2);
   Tensor g = gate_c.contiguous(), s = gate_s.contiguous();
   Tensor pc = pooled_c.contiguous(), ps = pooled_s.contiguous(), selc = sel_c.contiguous(),
          sels = sel_s.contiguous();
 
   // 1. the two reductions of dout*x
   Tensor ds = at::empty({N, 1, H, W}, opts), dg = at::empty({N, C}, opts);
-{
+  {
     RECORD_FUNCTION("cbam::backward_reduce", std::vector<c10::IValue>());
     K.backward_reduce(dout, xc, cl, g, s, ds, dg);
   }
@@ -273,14 +308,14 @@ BwdOut cbam_backward(const Kernels& K, const Tensor& grad_out, const Tensor& x, 
 
   // 3. dL/dg through the spatial pool, added to the direct part
   Tensor dg2 = at::empty({N, C}, opts);
-{
+  {
     RECORD_FUNCTION("cbam::backward_gate", std::vector<c10::IValue>());
     K.backward_gate(xc, cl, g, wa, em, ps, sels, first, dg2);
   }
   dg.add_(dg2);
 
   // 4. channel gate backward: sigmoid, MLP (shared by the mean and the max rows)
-  Tensor W1 = w1.to(a), W2 = w2.to(a), B1 = acc(b1, a);
+  Tensor W1 = mlp_weight(w1, a), W2 = mlp_weight(w2, a), B1 = acc(b1, a);
   Tensor v = pc.view({2 * N, C});
   Tensor h = mlp_hidden(v, W1, B1);
   Tensor r = at::relu(h);
@@ -300,15 +335,15 @@ BwdOut cbam_backward(const Kernels& K, const Tensor& grad_out, const Tensor& x, 
     Tensor dmx = dv.narrow(0, N, N);
     Tensor e2 = (first ? dmx : dmx / selc).contiguous();
     dx = at::empty_like(xc);
-{
+    {
       RECORD_FUNCTION("cbam::backward_input", std::vector<c10::IValue>());
       K.backward_input(dout, xc, cl, g, s, wa, em, ps, sels, a2, e2, pc, selc, first, dx);
     }
   }
   return {dx,
-          dW1.to(w1.scalar_type()),
+          dW1.to(w1.scalar_type()).view(w1.sizes()),
           db1,
-          dW2.to(w2.scalar_type()),
+          dW2.to(w2.scalar_type()).view(w2.sizes()),
           db2,
           dwc.to(conv_weight.scalar_type()),
           dcb,
@@ -326,7 +361,7 @@ std::tuple<Tensor, Tensor> channel_pool(const Kernels& K, const Tensor& x, bool 
   auto opts = x.options().dtype(acc_type(x));
   Tensor pooled = at::empty({2, x.size(0), x.size(1)}, opts);
   Tensor sel = at::empty({x.size(0), x.size(1)}, opts.dtype(at::kInt));
-{
+  {
     RECORD_FUNCTION("cbam::channel_pool", std::vector<c10::IValue>());
     K.channel_pool(xc, cl, max_first_index, pooled, sel);
   }
@@ -343,7 +378,7 @@ Tensor channel_pool_backward(const Kernels& K, const Tensor& grad_pooled, const 
   Tensor a2 = (gp[0] / static_cast<double>(P)).contiguous();
   Tensor e2 = (max_first_index ? gp[1] : gp[1] / sel).contiguous();
   Tensor dx = at::empty_like(xc);
-{
+  {
     RECORD_FUNCTION("cbam::backward_input", std::vector<c10::IValue>());
     K.backward_input(Tensor(), xc, cl, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), a2, e2,
                    pooled.contiguous(), sel.contiguous(), max_first_index, dx);
@@ -358,7 +393,7 @@ std::tuple<Tensor, Tensor> spatial_pool(const Kernels& K, const Tensor& x, bool 
   auto opts = x.options().dtype(acc_type(x));
   Tensor pooled = at::empty({x.size(0), 2, x.size(2), x.size(3)}, opts);
   Tensor sel = at::empty({x.size(0), x.size(2), x.size(3)}, opts.dtype(at::kInt));
-{
+  {
     RECORD_FUNCTION("cbam::spatial_pool", std::vector<c10::IValue>());
     K.spatial_pool(xc, cl, Tensor(), max_first_index, pooled, sel);
   }
@@ -374,7 +409,7 @@ Tensor spatial_pool_backward(const Kernels& K, const Tensor& grad_pooled, const 
   Tensor wa = (gp.select(1, 0) / static_cast<double>(x.size(1))).contiguous();
   Tensor em = (max_first_index ? gp.select(1, 1) : gp.select(1, 1) / sel).contiguous();
   Tensor dx = at::empty_like(xc);
-{
+  {
     RECORD_FUNCTION("cbam::backward_input", std::vector<c10::IValue>());
     K.backward_input(Tensor(), xc, cl, Tensor(), Tensor(), wa, em, pooled.contiguous(), sel.contiguous(), Tensor(),
                    Tensor(), Tensor(), Tensor(), max_first_index, dx);
@@ -425,7 +460,7 @@ void register_impls(torch::Library& m) {
 }  // namespace fastnn
 
 TORCH_LIBRARY_FRAGMENT(fastnn, m) {
-  // x: [N, C, H, W]; w1: [hidden, C]; w2: [C, hidden]; conv_weight: [1, 2, k, k] in the module's
+  // x: [N, C, H, W]; w1: [hidden, C]; w2: [C, hidden] (each may carry 1x1 conv dims); conv_weight: [1, 2, k, k] in the module's
   // input order (mean_first: [mean, max], else [max, mean]). Returns out and what the backward needs:
   // gate_c [N, C], gate_s [N, 1, H, W], pooled_c [2, N, C] (mean, max), pooled_s [N, 2, H, W]
   // (mean, max), conv_out [N, 1, H, W] (the spatial conv's output, before the BN), sel_c [N, C] / sel_s [N, H, W] (first max index, or tie count when

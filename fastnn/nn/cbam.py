@@ -109,12 +109,13 @@ class ChannelAttention(nn.Module):
         return self.mlp[1], self.mlp[3]
 
     def mlp_params(self):
-        """(w1 [hidden, C], b1, w2 [C, hidden], b2), views of the parameters."""
+        """(w1, b1, w2, b2): the parameters, w1 [hidden, C] or [hidden, C, 1, 1] (1x1 convs)."""
         fc1, fc2 = self.layers
-        return fc1.weight.flatten(1), fc1.bias, fc2.weight.flatten(1), fc2.bias
+        return fc1.weight, fc1.bias, fc2.weight, fc2.bias
 
     def forward(self, x: Tensor) -> Tensor:
         w1, b1, w2, b2 = self.mlp_params()
+        w1, w2 = w1.flatten(1), w2.flatten(1)
         b = backends.select("cbam_channel_pool", x.device, self.backend, why_not=_ops._why_not)
         if b == "reference":
             return reference.cbam_channel_gate(x, w1, w2, b1, b2, self.max_ties)

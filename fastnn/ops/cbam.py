@@ -63,13 +63,12 @@ def _check_choice(value, name, choices):
         raise ValueError(f"fastnn.cbam: {name} must be one of {choices}, got {value!r}")
 
 
-def _as_2d(w, name, rows, cols, x):
-    """An MLP weight given as Linear [out, in] or 1x1 Conv2d [out, in, 1, 1] -> [out, in]."""
+def _check_mlp_weight(w, name, rows, cols, x):
+    """An MLP weight: Linear [out, in] or 1x1 Conv2d [out, in, 1, 1] (the op takes either)."""
     if not isinstance(w, Tensor):
         raise TypeError(f"fastnn.cbam: {name} must be a torch.Tensor, got {type(w).__name__}")
-    if w.dim() == 4 and tuple(w.shape[2:]) == (1, 1):
-        w = w.flatten(1)
-    if w.dim() != 2 or (rows is not None and w.shape[0] != rows) or (cols is not None and w.shape[1] != cols):
+    if (not (w.dim() == 2 or (w.dim() == 4 and w.shape[2] == 1 and w.shape[3] == 1))
+            or (rows is not None and w.shape[0] != rows) or (cols is not None and w.shape[1] != cols)):
         want = f"[{rows if rows is not None else 'hidden'}, {cols if cols is not None else 'hidden'}]"
         raise ValueError(f"fastnn.cbam: {name} must be {want} (or [..., 1, 1] from a 1x1 Conv2d), got shape "
                          f"{tuple(w.shape)}; it must match x's {x.shape[1]} channels")
@@ -123,9 +122,9 @@ def cbam(x: Tensor, mlp_weight1: Tensor, mlp_weight2: Tensor, conv_weight: Tenso
     _check_choice(spatial_order, "spatial_order", SPATIAL_ORDERS)
     _check_choice(max_ties, "max_ties", MAX_TIES)
     C = x.shape[1]
-    w1 = _as_2d(mlp_weight1, "mlp_weight1", None, C, x)
+    w1 = _check_mlp_weight(mlp_weight1, "mlp_weight1", None, C, x)
     hidden = w1.shape[0]
-    w2 = _as_2d(mlp_weight2, "mlp_weight2", C, hidden, x)
+    w2 = _check_mlp_weight(mlp_weight2, "mlp_weight2", C, hidden, x)
     _check_param(mlp_bias1, "mlp_bias1", x, hidden)
     _check_param(mlp_bias2, "mlp_bias2", x, C)
     _check_conv(conv_weight, x)
