@@ -196,6 +196,36 @@ def test_channels_below_reduction(device):
     _compare(f, t, torch.randn(3, 8, 13, 17, device=device))
 
 
+def test_spatial_conv_bias_and_linear_mlp():
+    # a tutorial variant with Linear MLP layers (with bias) and a biased spatial conv
+    t = TutCBAM(24, reduction=4)
+    ca = t.channel_attention
+    ca.mlp = nn.Sequential(nn.Flatten(), nn.Linear(24, 6), nn.ReLU(), nn.Linear(6, 24), nn.Unflatten(1, (24, 1, 1)))
+    with pytest.raises(ValueError, match="Sequential"):
+        CBAM.from_module(t)
+    t = _randomize(TutCBAM(24, reduction=4))
+    t.spatial_attention.conv = nn.Conv2d(2, 1, 7, padding=3, bias=True)
+    _randomize(t, seed=4)
+    f = CBAM.from_module(t)
+    assert f.sa.conv_layer.bias is not None
+    _compare(f, t, torch.randn(2, 24, 9, 8))
+    lin = _randomize(CBAM(24, reduction=4, mlp_linear=True, mlp_bias=True))
+    assert isinstance(lin.ca.layers[0], nn.Linear)
+    ref = copy.deepcopy(lin)
+    ref.backend = "reference"
+    _compare(lin, ref, torch.randn(2, 24, 5, 6))
+
+
+@needs_timm
+def test_from_module_rejects_what_it_cannot_run():
+    from timm.layers.cbam import LightCbamModule
+    with pytest.raises(ValueError, match="Light"):
+        CBAM.from_module(LightCbamModule(32))
+    m = CbamModule(32, act_layer=nn.SiLU)
+    with pytest.raises(ValueError, match="ReLU"):
+        CBAM.from_module(m)
+
+
 @pytest.mark.parametrize("kernel", [3, 5])
 def test_spatial_kernels(kernel):
     t = _randomize(TutCBAM(24, reduction=4, kernel_size=kernel))
