@@ -460,11 +460,12 @@ void register_impls(torch::Library& m) {
 }  // namespace fastnn
 
 TORCH_LIBRARY_FRAGMENT(fastnn, m) {
-  // x: [N, C, H, W]; w1: [hidden, C]; w2: [C, hidden] (each may carry 1x1 conv dims); conv_weight: [1, 2, k, k] in the module's
-  // input order (mean_first: [mean, max], else [max, mean]). Returns out and what the backward needs:
-  // gate_c [N, C], gate_s [N, 1, H, W], pooled_c [2, N, C] (mean, max), pooled_s [N, 2, H, W]
-  // (mean, max), conv_out [N, 1, H, W] (the spatial conv's output, before the BN), sel_c [N, C] / sel_s [N, H, W] (first max index, or tie count when
-  // max_first_index is false), bn_stats [2] (mean, biased var used by the BN; [0] without BN).
+  // x: [N, C, H, W]; w1: [hidden, C]; w2: [C, hidden] (each may carry 1x1 conv dims); conv_weight:
+  // [1, 2, k, k] in the module's input order (mean_first: [mean, max], else [max, mean]). Returns out
+  // and what the backward needs: gate_c [N, C], gate_s [N, 1, H, W], pooled_c [2, N, C] (mean, max),
+  // pooled_s [N, 2, H, W] (mean, max), conv_out [N, 1, H, W] (the spatial conv's output, before the
+  // BN), sel_c [N, C] / sel_s [N, H, W] (first max index, or tie count when max_first_index is
+  // false), bn_stats [2] (mean and biased variance the BN normalized with; [0] without BN).
   m.def(
       "cbam(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor conv_weight, Tensor? conv_bias, "
       "Tensor? bn_weight, Tensor? bn_bias, Tensor? bn_running_mean, Tensor? bn_running_var, bool spatial_bn, "
@@ -477,8 +478,8 @@ TORCH_LIBRARY_FRAGMENT(fastnn, m) {
       "cbam_backward(Tensor grad_out, Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor conv_weight, "
       "Tensor? conv_bias, Tensor? bn_weight, Tensor? bn_bias, bool spatial_bn, bool bn_training, float bn_eps, "
       "bool mean_first, bool max_first_index, Tensor gate_c, Tensor gate_s, Tensor pooled_c, Tensor pooled_s, "
-      "Tensor conv_out, Tensor sel_c, Tensor sel_s, Tensor bn_stats, bool needs_input_grad) -> (Tensor, Tensor, Tensor, Tensor, "
-      "Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "Tensor conv_out, Tensor sel_c, Tensor sel_s, Tensor bn_stats, bool needs_input_grad) -> (Tensor, Tensor, "
+      "Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // pooled [2, N, C] (mean, max over H*W), sel [N, C]
   m.def("cbam_channel_pool(Tensor x, bool max_first_index) -> (Tensor pooled, Tensor sel)");
   m.def(

@@ -2,13 +2,15 @@
 
 Three published variants, chosen with `variant=` (each flag can still be set on its own):
 
-  variant     MLP layers       MLP bias  spatial map   spatial BN          max ties  state_dict keys
-  "tutorial"  1x1 Conv2d       no        [mean, max]   no                  first     channel_attention.mlp.{0,2}.weight,
-                                                                                     spatial_attention.conv.weight
-  "timm"      1x1 Conv2d       no        [mean, max]   yes (momentum 0.1)  split     channel.fc{1,2}.weight,
-                                                                                     spatial.conv.conv.weight, spatial.conv.bn.*
-  "paper"     Linear           yes       [max, mean]   yes (momentum 0.01) first     ChannelGate.mlp.{1,3}.*,
-                                                                                     SpatialGate.spatial.{conv,bn}.*
+  variant     MLP layers  MLP bias  spatial map  spatial BN           max ties
+  "tutorial"  1x1 Conv2d  no        [mean, max]  no                   first
+  "timm"      1x1 Conv2d  no        [mean, max]  yes (momentum 0.1)   split
+  "paper"     Linear      yes       [max, mean]  yes (momentum 0.01)  first
+
+  state_dict keys
+  "tutorial"  channel_attention.mlp.{0,2}.weight, spatial_attention.conv.weight
+  "timm"      channel.fc{1,2}.weight, spatial.conv.conv.weight, spatial.conv.bn.*
+  "paper"     ChannelGate.mlp.{1,3}.{weight,bias}, SpatialGate.spatial.conv.weight, SpatialGate.spatial.bn.*
 
 "tutorial" is the ChannelAttention/SpatialAttention/CBAM sketch found in tutorials, "timm" is
 timm.layers.cbam.CbamModule, "paper" is the authors' reference code (ChannelGate/SpatialGate).

@@ -155,7 +155,8 @@ def cbam(x: Tensor, mlp_weight1: Tensor, mlp_weight2: Tensor, conv_weight: Tenso
                                 bool(spatial_bn), bool(bn_training), float(bn_eps),
                                 spatial_order == "mean_max", max_ties == "first")
     if spatial_bn and bn_training and bn_running_mean is not None:
-        _update_running_stats(res[8], bn_running_mean, bn_running_var, bn_momentum, x.shape[0] * x.shape[2] * x.shape[3])
+        count = x.shape[0] * x.shape[2] * x.shape[3]
+        _update_running_stats(res[8], bn_running_mean, bn_running_var, bn_momentum, count)
     return res[0]
 
 
@@ -174,8 +175,9 @@ def _cbam_fake(x, w1, b1, w2, b2, conv_weight, conv_bias, bn_weight, bn_bias, rm
     out = torch.empty_like(x, memory_format=_layout(x))
     opts = dict(dtype=acc, device=x.device)
     return (out, x.new_empty((N, C), **opts), x.new_empty((N, 1, H, W), **opts), x.new_empty((2, N, C), **opts),
-            x.new_empty((N, 2, H, W), **opts), x.new_empty((N, 1, H, W), **opts), x.new_empty((N, C), dtype=torch.int32),
-            x.new_empty((N, H, W), dtype=torch.int32), x.new_empty((2 if spatial_bn else 0,), **opts))
+            x.new_empty((N, 2, H, W), **opts), x.new_empty((N, 1, H, W), **opts),
+            x.new_empty((N, C), dtype=torch.int32), x.new_empty((N, H, W), dtype=torch.int32),
+            x.new_empty((2 if spatial_bn else 0,), **opts))
 
 
 def _cbam_backward_fake(grad_out, x, w1, b1, w2, b2, conv_weight, conv_bias, bn_weight, bn_bias, spatial_bn,

@@ -219,11 +219,13 @@ void apply_impl(const scalar_t* x, int64_t N, int64_t C, int64_t P, bool cl, con
                 scalar_t* out) {
   if (!cl) {
     at::parallel_for(0, N * C, grain_for(P), [&](int64_t b, int64_t e) {
-      for (int64_t r = b; r < e; ++r) scale_row<scalar_t, acc_t>(x + r * P, s + (r / C) * P, g[r], P, out + r * P, false);
+      for (int64_t r = b; r < e; ++r)
+        scale_row<scalar_t, acc_t>(x + r * P, s + (r / C) * P, g[r], P, out + r * P, false);
     });
   } else {
     at::parallel_for(0, N * P, grain_for(C), [&](int64_t b, int64_t e) {
-      for (int64_t r = b; r < e; ++r) scale_row<scalar_t, acc_t>(x + r * C, g + (r / P) * C, s[r], C, out + r * C, true);
+      for (int64_t r = b; r < e; ++r)
+        scale_row<scalar_t, acc_t>(x + r * C, g + (r / P) * C, s[r], C, out + r * C, true);
     });
   }
 }
