@@ -22,6 +22,11 @@ from helpers import HAS_CUDA, assert_lowp_close, noncontig
 
 TRITON = pytest.importorskip("triton")
 OP = "flash_attention"
+# CPU tensors reach the Triton kernels only through the interpreter (conftest sets it without a GPU)
+INTERP = backends.triton_interpreted()
+needs_interp = pytest.mark.skipif(not INTERP, reason="Triton on CPU tensors needs TRITON_INTERPRET=1 (no GPU)")
+CPU = pytest.param("cpu", marks=needs_interp)
+DEVS = [CPU, pytest.param("cuda", marks=pytest.mark.cuda)]
 
 
 @pytest.fixture(autouse=True)
@@ -127,16 +132,16 @@ def _case_id(c):
     return f"b{c[0]}-q{c[1]}-k{c[2]}-h{c[3]}x{c[4]}-d{c[5]}-{'causal' if c[6] else 'full'}-{str(c[7])[6:]}"
 
 
-@pytest.mark.parametrize("case", CPU_CASES + [pytest.param(c, marks=pytest.mark.cuda) for c in CUDA_CASES],
-                         ids=_case_id)
+@pytest.mark.parametrize("case", [pytest.param(c, marks=needs_interp) for c in CPU_CASES]
+                         + [pytest.param(c, marks=pytest.mark.cuda) for c in CUDA_CASES], ids=_case_id)
 def test_flash_attn_func_matches_reference(case):
     b, sq, sk, h, hkv, d, causal, dtype = case
-    device = "cuda" if (HAS_CUDA and case in CUDA_CASES) else "cpu"
+    device = "cuda" if case in CUDA_CASES else "cpu"
     q, k, v = _make(b, sq, sk, h, hkv, d, dtype, device)
     _check_fwd_bwd(q, k, v, causal=causal)
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("device", DEVS)
 def test_sdpa_entry_is_top_left_causal(device):
     big = device == "cuda"
     sq, sk = (97, 301) if big else (12, 23)
@@ -145,14 +150,14 @@ def test_sdpa_entry_is_top_left_causal(device):
         _check_fwd_bwd(q, k, v, causal=True, bottom_right=False, sdpa_entry=True)
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("device", DEVS)
 def test_softmax_scale(device):
     q, k, v = _make(1, 19, 21, 2, 2, 32, torch.float32, device)
     for scale in (0.3, 1.7, -0.5):
         _check_fwd_bwd(q, k, v, causal=False, scale=scale, grad_lse=False)
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("device", DEVS)
 def test_sdpa_matches_torch_sdpa(device):
     """Against torch's own SDPA (not only the math reference), GQA and the default scale."""
     big = device == "cuda"
@@ -166,7 +171,7 @@ def test_sdpa_matches_torch_sdpa(device):
         torch.testing.assert_close(mine.double(), want, atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("device", DEVS)
 def test_noncontiguous_inputs(device):
     """Views of a packed QKV projection (strided along seq and heads) and a strided head dim give
     exactly what contiguous copies give."""
@@ -224,13 +229,13 @@ def _dropout_case(device, dtype, causal):
     return out
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("device", DEVS)
 def test_dropout_uses_the_exposed_mask_forward_and_backward(device):
     _dropout_case(device, torch.float32, causal=False)
     _dropout_case(device, torch.bfloat16 if device == "cpu" else torch.float16, causal=True)
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("device", DEVS)
 def test_dropout_keep_fraction_and_fresh_masks(device):
     n = (4, 8, 256, 512) if device == "cuda" else (2, 2, 64, 128)
     for p in (0.1, 0.5, 0.9):
@@ -269,6 +274,7 @@ def test_cpu_default_is_torch_sdpa_and_gradcheck():
     assert torch.autograd.gradcheck(lambda a, b_, c: flash_attn_func(a, b_, c, causal=True), (q2, k, v))
 
 
+@needs_interp
 def test_sdpa_cpu_and_fallbacks_are_torch():
     q = torch.randn(2, 3, 6, 8)
     k = torch.randn(2, 3, 9, 8)
@@ -285,11 +291,12 @@ def test_sdpa_cpu_and_fallbacks_are_torch():
 
 
 @pytest.mark.cuda
-def test_cuda_fallback_is_reported():
+def test_cuda_fallback_is_reported(monkeypatch):
+    monkeypatch.setattr(backends, "_warned", set())  # warn_once: forget earlier tests' warnings
     q = torch.randn(1, 2, 16, 32, device="cuda", dtype=torch.float16)
     mask = torch.randn(16, 16, device="cuda", dtype=torch.float16)
     with pytest.warns(RuntimeWarning, match="attn_mask"):
-        out = scaled_dot_product_attention(q, q, q, attn_mask=mask + 100.0)  # a fresh reason: warns once
+        out = scaled_dot_product_attention(q, q, q, attn_mask=mask + 100.0)
     assert backends.last_choice(OP)[0] == "reference"
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, q, q, attn_mask=mask + 100.0))
     scaled_dot_product_attention(q, q, q, is_causal=True)
@@ -328,7 +335,7 @@ def test_bad_inputs_raise_clear_errors():
             need_weights=False)
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("device", DEVS)
 def test_empty_and_zero_length(device):
     q = torch.randn(0, 4, 2, 16, device=device)
     assert flash_attn_func(q, q, q, backend="triton").shape == q.shape
@@ -342,6 +349,8 @@ def test_empty_and_zero_length(device):
 
 def test_opcheck():
     device = "cuda" if HAS_CUDA else "cpu"
+    if device == "cpu" and not INTERP:
+        pytest.skip("no GPU and no Triton interpreter")
     q, k, v = _make(1, 19, 23, 2, 1, 16, torch.float32, device)
     seed = fa.draw_dropout_seed(device)
     tests = ("test_schema", "test_autograd_registration", "test_faketensor")
@@ -364,6 +373,7 @@ def test_compile_marker_matches_torch():
     assert fa._ops_ready._dynamo_marked_constant
 
 
+@needs_interp
 def test_compile_fullgraph_cpu_capture():
     """Dynamo captures the API (backend choice, lazy op registration) without a graph break. The
     Triton kernels themselves are compiled by Inductor only on CUDA (see the CUDA test)."""
@@ -443,7 +453,7 @@ def _mha_pair(device, dtype=torch.float32, **kw):
     return mine, theirs
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("device", DEVS)
 @pytest.mark.parametrize("batch_first", [False, True])
 def test_mha_matches_torch(device, batch_first):
     e, h = 32, 4
@@ -474,11 +484,12 @@ def test_mha_matches_torch(device, batch_first):
     torch.testing.assert_close(a, b)
 
 
-def test_mha_kdim_vdim_unbatched_training_and_grads():
-    mine, theirs = _mha_pair("cpu", embed_dim=16, num_heads=2, kdim=12, vdim=10)
+@pytest.mark.parametrize("device", DEVS)
+def test_mha_kdim_vdim_unbatched_training_and_grads(device):
+    mine, theirs = _mha_pair(device, embed_dim=16, num_heads=2, kdim=12, vdim=10)
     assert set(mine.state_dict()) == {"q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias",
                                       "out_proj.weight", "out_proj.bias"}
-    x, kk, vv = torch.randn(5, 16), torch.randn(6, 12), torch.randn(6, 10)  # unbatched (L, E)
+    x, kk, vv = (torch.randn(*s_, device=device) for s_ in ((5, 16), (6, 12), (6, 10)))  # unbatched (L, E)
     with fastnn.use_backend(flash_attention="triton"):
         a, _ = mine(x, kk, vv, need_weights=False)
         a.sum().backward()
@@ -491,9 +502,10 @@ def test_mha_kdim_vdim_unbatched_training_and_grads():
     torch.nn.MultiheadAttention(16, 2, kdim=12, vdim=10).load_state_dict(mine.state_dict())
 
 
-def test_mha_dropout_in_training_only():
-    mha = fastnn.nn.MultiheadAttention(16, 2, dropout=0.5, batch_first=True)
-    x = torch.randn(2, 9, 16)
+@pytest.mark.parametrize("device", DEVS)
+def test_mha_dropout_in_training_only(device):
+    mha = fastnn.nn.MultiheadAttention(16, 2, dropout=0.5, batch_first=True, device=device)
+    x = torch.randn(2, 9, 16, device=device)
     with fastnn.use_backend(flash_attention="triton"):
         mha.eval()
         assert torch.equal(mha(x, x, x, need_weights=False)[0], mha(x, x, x, need_weights=False)[0])
@@ -503,21 +515,22 @@ def test_mha_dropout_in_training_only():
 
 # ----------------------------------------------------------------------------- patch_sdpa
 
-def test_patch_sdpa_scoped_and_global():
+@pytest.mark.parametrize("device", DEVS)
+def test_patch_sdpa_scoped_and_global(device):
     orig = F.scaled_dot_product_attention
-    q = torch.randn(1, 2, 10, 16)
+    q = torch.randn(1, 2, 10, 16, device=device)
     with fastnn.patch_sdpa():
         assert fa.sdpa_patched() and F.scaled_dot_product_attention is not orig
         with fastnn.use_backend(flash_attention="triton"):
             out = F.scaled_dot_product_attention(q, q, q, is_causal=True)
             assert backends.last_choice(OP)[0] == "triton"
             # torch's own MultiheadAttention calls SDPA through the module attribute too
-            m = torch.nn.MultiheadAttention(16, 2, batch_first=True)
-            x = torch.randn(1, 10, 16)
+            m = torch.nn.MultiheadAttention(16, 2, batch_first=True, device=device)
+            x = torch.randn(1, 10, 16, device=device)
             m(x, x, x, need_weights=False)
             assert backends.last_choice(OP)[0] == "triton"
         # a general mask inside the patch runs torch's original SDPA (no recursion)
-        mask = torch.randn(10, 10)
+        mask = torch.randn(10, 10, device=device)
         torch.testing.assert_close(F.scaled_dot_product_attention(q, q, q, attn_mask=mask),
                                    orig(q, q, q, attn_mask=mask))
     assert F.scaled_dot_product_attention is orig and not fa.sdpa_patched()

@@ -4,7 +4,8 @@ Layout and assumptions (the launchers below enforce them):
 - q: (B, Sq, H, D), k/v: (B, Sk, Hkv, D), any strides as long as the last (head-dim) stride is 1.
   H % Hkv == 0 (GQA/MQA: query head h reads kv head h // (H // Hkv); K/V are never repeated).
 - fp16/bf16 (fp32 accumulation, P cast to the input dtype for the PV matmul as FlashAttention does)
-  or fp32 (matmuls in IEEE fp32, or TF32 when torch.backends.cuda.matmul.allow_tf32 is on).
+  or fp32 (3xTF32 matmuls, close to fp32 accuracy; plain TF32 when torch.backends.cuda.matmul.allow_tf32
+  is on). Softmax statistics, dK/dV/dQ accumulators and the log-sum-exp are fp32 throughout.
 - D in [16, 256]; the kernels work on HEAD_DIM = next power of two >= D and mask the rest.
 - Causal: key j is visible to query i iff j <= i + causal_shift (0 = top-left, Sk - Sq = bottom-right).
   A query row with no visible key gets output 0 and log-sum-exp -inf (flash-attn's convention).
@@ -481,24 +482,24 @@ def _bucket(s: int) -> int:
 # untuned default (FASTNN_FA_AUTOTUNE=0 and the tests). Classes by dtype and padded head dim.
 FWD_CONFIGS = {
     "h64": [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
-    "h128": [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3)],
-    "h256": [(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2)],
-    "f32": [(64, 32, 4, 2), (32, 32, 4, 2), (64, 64, 8, 2)],
-    "f32h256": [(32, 32, 4, 1), (16, 32, 4, 1)],
+    "h128": [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3)],
+    "h256": [(64, 32, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2)],
+    "f32": [(32, 32, 4, 2), (64, 32, 8, 2)],
+    "f32h256": [(16, 32, 4, 1), (32, 32, 8, 1)],
 }
 BWD_KV_CONFIGS = {  # BLOCK_M = query rows per step, BLOCK_N = keys per program
-    "h64": [(64, 128, 8, 2), (32, 128, 4, 2), (64, 64, 4, 2), (32, 64, 4, 3)],
-    "h128": [(64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2)],
-    "h256": [(32, 64, 8, 1), (32, 32, 4, 1), (16, 64, 4, 1)],
-    "f32": [(32, 64, 4, 1), (32, 32, 4, 1)],
-    "f32h256": [(16, 32, 4, 1), (16, 16, 4, 1)],
+    "h64": [(32, 128, 8, 2), (32, 64, 4, 2), (64, 128, 8, 2), (32, 64, 4, 3)],
+    "h128": [(32, 128, 8, 2), (16, 128, 8, 2), (32, 64, 4, 2), (64, 64, 8, 2)],
+    "h256": [(32, 64, 8, 1), (32, 64, 8, 2), (32, 32, 4, 1)],
+    "f32": [(16, 64, 8, 1), (16, 32, 4, 1)],
+    "f32h256": [(16, 32, 8, 1), (16, 16, 4, 1)],
 }
 BWD_Q_CONFIGS = {  # BLOCK_M = query rows per program, BLOCK_N = keys per step
-    "h64": [(128, 64, 8, 2), (128, 32, 4, 2), (64, 64, 4, 2), (64, 32, 4, 3)],
-    "h128": [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2)],
-    "h256": [(64, 32, 8, 1), (32, 32, 4, 1), (64, 16, 4, 1)],
-    "f32": [(64, 32, 4, 1), (32, 32, 4, 1)],
-    "f32h256": [(32, 16, 4, 1), (16, 16, 4, 1)],
+    "h64": [(128, 64, 8, 2), (64, 32, 4, 3), (128, 32, 4, 2), (64, 64, 4, 2)],
+    "h128": [(128, 32, 8, 2), (64, 32, 4, 2), (128, 64, 8, 2), (64, 64, 4, 2)],
+    "h256": [(64, 32, 8, 2), (32, 32, 8, 1), (32, 32, 4, 1)],
+    "f32": [(32, 32, 4, 1), (64, 32, 8, 1)],
+    "f32h256": [(16, 16, 4, 1)],
 }
 # the interpreter runs block ops with numpy: fewer, larger blocks are faster, and no tuning
 _INTERP_BLOCK = 32
@@ -570,9 +571,11 @@ def _tma_ok(dtype, hd: int, *ts) -> bool:
 
 
 def _precision(dtype) -> str:
-    # fp32 inputs follow torch's matmul setting: IEEE fp32 unless TF32 is allowed
+    """fp32 inputs follow torch's matmul setting: plain TF32 tensor-core matmuls when
+    torch.backends.cuda.matmul.allow_tf32 is on, else 3xTF32 (split-precision, close to fp32
+    accuracy; Triton's "ieee" fp32 dot runs on FMA units and spills heavily). fp16/bf16 ignore it."""
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
+        return "tf32x3"
     return "tf32"
 
 
