@@ -21,22 +21,24 @@ import traceback
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-FWD_SPECS = [(128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3),
-             (128, 32, 4, 3), (64, 128, 4, 2), (128, 64, 8, 4), (64, 64, 4, 4), (128, 64, 8, 2)]
-FWD_MODES = [dict(tma=False, ws=False), dict(tma=True, ws=False), dict(tma=True, ws=True)]
-KV_SPECS = [(32, 128, 8, 2), (64, 128, 8, 2), (32, 64, 4, 2), (64, 64, 8, 2), (32, 128, 8, 3),
-            (16, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 2)]
-Q_SPECS = [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 3),
-           (128, 32, 4, 2), (64, 32, 4, 3)]
+FWD_SPECS = [(64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 3), (64, 32, 4, 2), (64, 128, 4, 3), (64, 128, 4, 2),
+             (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 8, 3)]
+FWD_MODES = [dict(tma=False), dict(tma=True)]
+KV_SPECS = [(64, 64, 4, 2), (32, 64, 4, 3), (64, 128, 8, 2), (32, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 2),
+            (64, 32, 4, 2), (128, 64, 8, 2)]
+Q_SPECS = [(64, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 4, 3),
+           (64, 64, 4, 3)]
+# the shapes bench_flash_attention.py times with the autotuner (its configs are compiled ahead)
+BENCH_SHAPES = [("bfloat16", 128, 4096), ("bfloat16", 128, 16384), ("bfloat16", 64, 4096), ("float16", 128, 4096)]
 
 
 def shapes(quick):
     out = []
-    for d in (128, 64):
+    for d in ((128,) if quick else (128, 64)):
         h = 2048 // d
         for causal in (False, True):
             out.append(dict(b=4, s=4096, h=h, d=d, causal=causal))
-    return out[:2] if quick else out
+    return out
 
 
 def tensors(sh, dtype_name="bfloat16", grad=False):
@@ -49,25 +51,33 @@ def tensors(sh, dtype_name="bfloat16", grad=False):
 
 def fwd_call(K, q, k, v, sh, spec, mode):
     return lambda: K.forward(q, k, v, softmax_scale=sh["d"] ** -0.5, causal=sh["causal"], config=spec,
-                             use_tma=mode["tma"], warp_specialize=mode["ws"])
+                             use_tma=mode["tma"])
 
 
-def bwd_call(K, q, k, v, do, o, lse, sh, kv, qc, kv_as_b):
+def bwd_call(K, q, k, v, do, o, lse, sh, kv, qc):
     return lambda: K.backward(do, q, k, v, o, lse, None, softmax_scale=sh["d"] ** -0.5, causal=sh["causal"],
-                              config_kv=kv, config_q=qc, kv_as_b=kv_as_b)
+                              config_kv=kv, config_q=qc)
 
 
-def tasks(quick):
+def tasks(quick, bench=False):
     t = []
     for sh in shapes(quick):
         for mode in FWD_MODES:
             for spec in FWD_SPECS:
                 t.append(("fwd", sh, dict(spec=spec, **mode)))
-        for kvb in (True, False):
-            for spec in KV_SPECS:
-                t.append(("bkv", sh, dict(spec=spec, kv_as_b=kvb)))
+        for spec in KV_SPECS:
+            t.append(("bkv", sh, dict(spec=spec)))
         for spec in Q_SPECS:
             t.append(("bq", sh, dict(spec=spec)))
+    if bench:  # every autotune candidate of the benchmark's shapes, with the launcher's own TMA choice
+        from triton_kernels import flash_attention as K
+        for dt, d, seq in BENCH_SHAPES:
+            for causal in (False, True):
+                sh = dict(b=16384 // seq, s=seq, h=2048 // d, d=d, causal=causal, dtype=dt)
+                cls = "h128" if d > 64 else "h64"
+                t += [("fwd", sh, dict(spec=c, tma=None)) for c in K.FWD_CONFIGS[cls]]
+                t += [("bkv", sh, dict(spec=c)) for c in K.BWD_KV_CONFIGS[cls]]
+                t += [("bq", sh, dict(spec=c)) for c in K.BWD_Q_CONFIGS[cls]]
     return t
 
 
@@ -78,7 +88,7 @@ def compile_task(task):
     try:
         import torch
         from fastnn.triton_kernels import flash_attention as K
-        q, k, v, do = tensors(sh)
+        q, k, v, do = tensors(sh, sh.get("dtype", "bfloat16"))
         if kind == "fwd":
             fwd_call(K, q, k, v, sh, tuple(var["spec"]), var)()
         else:
@@ -86,7 +96,7 @@ def compile_task(task):
                                config=K._fixed(K.FWD_CONFIGS["h128" if sh["d"] > 64 else "h64"][0], 1 << 20, 1 << 20))
             kv = tuple(var["spec"]) if kind == "bkv" else K.BWD_KV_CONFIGS["h128" if sh["d"] > 64 else "h64"][0]
             qc = tuple(var["spec"]) if kind == "bq" else K.BWD_Q_CONFIGS["h128" if sh["d"] > 64 else "h64"][0]
-            bwd_call(K, q, k, v, do, o, lse, sh, kv, qc, var.get("kv_as_b", K.KV_AS_B))()
+            bwd_call(K, q, k, v, do, o, lse, sh, kv, qc)()
         torch.cuda.synchronize()
         return dict(ok=True, t=time.time() - t0)
     except Exception as e:  # a variant that does not compile is a result too
@@ -109,11 +119,12 @@ def main():
     ap.add_argument("--out", default=".")
     ap.add_argument("--compile-workers", type=int, default=8)
     ap.add_argument("--compile-only", action="store_true")
-    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="head dim 128 only")
+    ap.add_argument("--bench-prewarm", action="store_true", help="also compile the benchmark's autotune configs")
     ap.add_argument("--budget", type=float, default=150.0, help="seconds for the timing phase")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    all_tasks = tasks(args.quick)
+    all_tasks = tasks(args.quick, args.bench_prewarm)
     t0 = time.time()
     if args.compile_workers > 0:
         ctx = __import__("multiprocessing").get_context("spawn")
@@ -142,7 +153,6 @@ def main():
     def bench(fn):
         return tt.do_bench(fn, warmup=5, rep=30)
 
-    summary = []
     for sh in shapes(args.quick):
         if time.time() - t_start > args.budget:
             print("timing budget spent; stopping", flush=True)
@@ -162,40 +172,33 @@ def main():
                     ms = bench(fn)
                     tf = ff / ms * 1e-9
                     rec(kind="fwd", shape=sh, spec=spec, **mode, ms=ms, tflops=tf, maxdiff=err)
-                    key = ("fwd", mode["tma"], mode["ws"])
+                    key = ("fwd", mode["tma"])
                     if err < 2e-2 and (key not in best or tf > best[key][1]):
                         best[key] = (spec, tf)
                 except Exception as e:
                     rec(kind="fwd", shape=sh, spec=spec, **mode, err=f"{type(e).__name__}: {str(e)[:200]}")
-        # backward: sweep the dK/dV kernel with the dQ kernel fixed, then the reverse
+        # backward: sweep the dK/dV kernel with the dQ kernel fixed, then the dQ kernel with the best dK/dV
         o, lse = base_o, base_l
         kv0, q0 = K.BWD_KV_CONFIGS[cls][0], K.BWD_Q_CONFIGS[cls][0]
         ref = K.backward(do, q, k, v, o, lse, None, softmax_scale=sh["d"] ** -0.5, causal=sh["causal"],
-                         config_kv=(32, 64, 4, 2), config_q=(64, 32, 4, 2), kv_as_b=False)
-        for kvb in (True, False):
-            for spec in KV_SPECS:
-                try:
-                    fn = bwd_call(K, q, k, v, do, o, lse, sh, spec, q0, kvb)
-                    grads = fn()
-                    err = _rel(grads, ref)
-                    ms = bench(fn)
-                    rec(kind="bkv", shape=sh, spec=spec, kv_as_b=kvb, ms=ms, tflops=2.5 * ff / ms * 1e-9, maxdiff=err)
-                    key = ("bkv", kvb)
-                    if err < 2e-2 and (key not in best or ms < best[key][1]):
-                        best[key] = (spec, ms)
-                except Exception as e:
-                    rec(kind="bkv", shape=sh, spec=spec, kv_as_b=kvb, err=f"{type(e).__name__}: {str(e)[:200]}")
-        kvb_best = min((kb for kb in (True, False) if ("bkv", kb) in best), key=lambda kb: best[("bkv", kb)][1],
-                       default=K.KV_AS_B)
-        kv_best = best.get(("bkv", kvb_best), (kv0, None))[0]
+                         config_kv=kv0, config_q=q0)
+        for spec in KV_SPECS:
+            try:
+                fn = bwd_call(K, q, k, v, do, o, lse, sh, spec, q0)
+                err = _rel(fn(), ref)
+                ms = bench(fn)
+                rec(kind="bkv", shape=sh, spec=spec, q=q0, ms=ms, tflops=2.5 * ff / ms * 1e-9, maxdiff=err)
+                if err < 2e-2 and (("bkv",) not in best or ms < best[("bkv",)][1]):
+                    best[("bkv",)] = (spec, ms)
+            except Exception as e:
+                rec(kind="bkv", shape=sh, spec=spec, err=f"{type(e).__name__}: {str(e)[:200]}")
+        kv_best = best.get(("bkv",), (kv0, None))[0]
         for spec in Q_SPECS:
             try:
-                fn = bwd_call(K, q, k, v, do, o, lse, sh, kv_best, spec, kvb_best)
-                grads = fn()
-                err = _rel(grads, ref)
+                fn = bwd_call(K, q, k, v, do, o, lse, sh, kv_best, spec)
+                err = _rel(fn(), ref)
                 ms = bench(fn)
-                rec(kind="bq", shape=sh, spec=spec, kv=kv_best, kv_as_b=kvb_best, ms=ms, tflops=2.5 * ff / ms * 1e-9,
-                    maxdiff=err)
+                rec(kind="bq", shape=sh, spec=spec, kv=kv_best, ms=ms, tflops=2.5 * ff / ms * 1e-9, maxdiff=err)
                 if err < 2e-2 and (("bq",) not in best or ms < best[("bq",)][1]):
                     best[("bq",)] = (spec, ms)
             except Exception as e:
@@ -222,23 +225,17 @@ def main():
             except Exception as e:
                 rec(kind="sdpa", backend=name, shape=sh, err=f"{type(e).__name__}: {str(e)[:200]}")
         fb = {k_: v_ for k_, v_ in best.items() if k_[0] == "fwd"}
-        bkv_ms = best.get(("bkv", kvb_best), (None, float("nan")))[1]
-        bq_ms = best.get(("bq",), (None, float("nan")))[1]
-        summary.append((sh, fb, best.get(("bkv", True)), best.get(("bkv", False)), best.get(("bq",)), ff, sdpa,
-                        min(bkv_ms, bq_ms) if bq_ms == bq_ms else bkv_ms))
         print(f"\n== d={sh['d']} causal={sh['causal']} B={sh['b']} S={sh['s']} H={sh['h']} bf16 "
               f"({time.time() - t_start:.0f}s)", flush=True)
         for key, (spec, tf) in sorted(fb.items()):
-            print(f"  fwd tma={key[1]!s:5} ws={key[2]!s:5} best {spec}: {tf:6.1f} TFLOP/s", flush=True)
-        for kb in (True, False):
-            if ("bkv", kb) in best:
-                spec, ms = best[("bkv", kb)]
-                print(f"  bwd kv_as_b={kb!s:5} best kv {spec} (q {q0}): {ms:.3f} ms = {2.5 * ff / ms * 1e-9:6.1f} "
-                      f"TFLOP/s", flush=True)
+            print(f"  fwd tma={key[1]!s:5} best {spec}: {tf:6.1f} TFLOP/s", flush=True)
+        if ("bkv",) in best:
+            spec, ms = best[("bkv",)]
+            print(f"  bwd best kv {spec} (q {q0}): {ms:.3f} ms = {2.5 * ff / ms * 1e-9:6.1f} TFLOP/s", flush=True)
         if ("bq",) in best:
             spec, ms = best[("bq",)]
-            print(f"  bwd best q {spec} with kv {kv_best} kv_as_b={kvb_best}: {ms:.3f} ms = "
-                  f"{2.5 * ff / ms * 1e-9:6.1f} TFLOP/s", flush=True)
+            print(f"  bwd best q {spec} with kv {kv_best}: {ms:.3f} ms = {2.5 * ff / ms * 1e-9:6.1f} TFLOP/s",
+                  flush=True)
         for name, (tf_f, tf_b) in sdpa.items():
             print(f"  sdpa {name:9}: fwd {tf_f:6.1f}  bwd {tf_b:6.1f} TFLOP/s", flush=True)
     print(f"\ntiming phase {time.time() - t_start:.0f}s", flush=True)

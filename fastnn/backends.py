@@ -76,9 +76,14 @@ def ops() -> Dict[str, OpInfo]:
     return dict(_OPS)
 
 
+# Looked up once (cheap, does not import triton): Dynamo in torch 2.11 refuses to trace
+# importlib.util.find_spec, and select() runs inside torch.compile'd code.
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> Optional[str]:
     """None if triton can be imported, else the reason."""
-    if importlib.util.find_spec("triton") is None:
+    if not _TRITON_FOUND:
         return "triton missing (pip install triton)"
     return None
 

@@ -57,13 +57,13 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kn, stri
                lo, hi, offs_m, offs_n, offs_d, seq_k, causal_shift, qk_scale,
                seed, rng_base, dropout_p,
                D: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
-               HAS_DROPOUT: tl.constexpr, PREC: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
+               HAS_DROPOUT: tl.constexpr, PREC: tl.constexpr, USE_TMA: tl.constexpr, SCALE_POS: tl.constexpr,
                BLOCK_N: tl.constexpr):
     """Key blocks [lo, hi). MASKED: the blocks may hold keys past seq_k or above the causal diagonal."""
     k_ptrs = k_base + _i64(lo) * stride_kn + offs_n[:, None] * stride_kn + offs_d[None, :]
     v_ptrs = v_base + _i64(lo) * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :]
     dmask = offs_d[None, :] < D
-    for n0 in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
+    for n0 in range(lo, hi, BLOCK_N):
         n0 = tl.multiple_of(n0, BLOCK_N)
         cols = n0 + offs_n
         if USE_TMA:
@@ -74,8 +74,9 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kn, stri
             k = tl.load(k_ptrs)
         else:
             k = tl.load(k_ptrs, mask=dmask, other=0.0)
-        s = _dot(q, tl.trans(k), None, PREC) * qk_scale
+        qk = _dot(q, tl.trans(k), None, PREC)
         if MASKED:
+            s = qk * qk_scale
             valid = cols[None, :] < seq_k
             if IS_CAUSAL:
                 valid = valid & (cols[None, :] <= offs_m[:, None] + causal_shift)
@@ -83,10 +84,17 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kn, stri
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # a row that has seen no key yet keeps m = -inf; shift by 0 so exp2 gives 0, not NaN
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(s - m_use[:, None])
+        elif SCALE_POS:
+            # max(qk) * scale = max(qk * scale) for scale > 0; qk * scale - m is then one FMA
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            m_use = m_new
+            p = tl.math.exp2(qk * qk_scale - m_use[:, None])
         else:
+            s = qk * qk_scale
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_use = m_new
-        p = tl.math.exp2(s - m_use[:, None])
+            p = tl.math.exp2(s - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
@@ -117,7 +125,7 @@ def _fwd_kernel(Q, K, V, O, LSE, SEED,
                 H, GROUP, seq_q, seq_k, causal_shift, sm_scale, dropout_p,
                 SQ_KEY, SK_KEY,  # autotune keys only (bucketed seqlens)
                 D: tl.constexpr, HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                PREC: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
+                PREC: tl.constexpr, USE_TMA: tl.constexpr, SCALE_POS: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
     if IS_CAUSAL:  # the longest rows first: better tail balance
@@ -173,11 +181,11 @@ def _fwd_kernel(Q, K, V, O, LSE, SEED,
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn,
                                0, n_full, offs_m, offs_n, offs_d, seq_k, causal_shift, qk_scale,
                                seed, rng_base, dropout_p,
-                               D, HEAD_DIM, False, IS_CAUSAL, HAS_DROPOUT, PREC, USE_TMA, WARP_SPEC, BLOCK_N)
+                               D, HEAD_DIM, False, IS_CAUSAL, HAS_DROPOUT, PREC, USE_TMA, SCALE_POS, BLOCK_N)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn,
                                n_full, hi, offs_m, offs_n, offs_d, seq_k, causal_shift, qk_scale,
                                seed, rng_base, dropout_p,
-                               D, HEAD_DIM, True, IS_CAUSAL, HAS_DROPOUT, PREC, USE_TMA, False, BLOCK_N)
+                               D, HEAD_DIM, True, IS_CAUSAL, HAS_DROPOUT, PREC, USE_TMA, SCALE_POS, BLOCK_N)
 
     empty = l_i == 0.0
     inv_l = 1.0 / tl.where(empty, 1.0, l_i)
@@ -226,7 +234,7 @@ def _bwd_kv_inner(dk, dv, k, v, q_base, do_base, L2, DL, stride_qm, stride_dom,
                   lo, hi, offs_n, offs_d, seq_q, seq_k, causal_shift, qk_scale,
                   seed, rng_base, dropout_p, rp,
                   D: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                  PREC: tl.constexpr, KV_AS_B: tl.constexpr, BLOCK_M: tl.constexpr):
+                  PREC: tl.constexpr, BLOCK_M: tl.constexpr):
     """Query blocks [lo, hi) of one head into dK/dV of one key block (all in transposed form:
     rows = keys). MASKED: apply the causal mask. Rows past seq_q load lse2 = +inf, so P = 0 there."""
     offs_mb = tl.arange(0, BLOCK_M)
@@ -239,43 +247,23 @@ def _bwd_kv_inner(dk, dv, k, v, q_base, do_base, L2, DL, stride_qm, stride_dom,
         rmask = rows < seq_q
         q = tl.load(q_ptrs, mask=rmask[:, None] & dmask, other=0.0)
         l2 = tl.load(L2 + rows, mask=rmask, other=float("inf"))
-        if KV_AS_B:
-            # S = Q K^T with K/V as the B operands (kept in shared memory); P^T/dS^T feed dV/dK
-            qk = _dot(q, tl.trans(k), None, PREC)
-            p = tl.math.exp2(qk * qk_scale - l2[:, None])
-            if MASKED:
-                p = tl.where(rows[:, None] + causal_shift >= offs_n[None, :], p, 0.0)
-            do = tl.load(do_ptrs, mask=rmask[:, None] & dmask, other=0.0)
-            dl = tl.load(DL + rows, mask=rmask, other=0.0)
-            dp = _dot(do, tl.trans(v), None, PREC)
-            if HAS_DROPOUT:
-                rng = rng_base + rows[:, None].to(tl.int64) * seq_k + offs_n[None, :]
-                keep = tl.rand(seed, rng) >= dropout_p
-                pd = tl.where(keep, p * rp, 0.0)
-                dp = tl.where(keep, dp * rp, 0.0)
-            else:
-                pd = p
-            dv = _dot(tl.trans(pd.to(do.dtype)), do, dv, PREC)
-            ds = p * (dp - dl[:, None])
-            dk = _dot(tl.trans(ds.to(q.dtype)), q, dk, PREC)
+        qkT = _dot(k, tl.trans(q), None, PREC)
+        pT = tl.math.exp2(qkT * qk_scale - l2[None, :])
+        if MASKED:
+            pT = tl.where(rows[None, :] + causal_shift >= offs_n[:, None], pT, 0.0)
+        do = tl.load(do_ptrs, mask=rmask[:, None] & dmask, other=0.0)
+        dl = tl.load(DL + rows, mask=rmask, other=0.0)
+        dpT = _dot(v, tl.trans(do), None, PREC)
+        if HAS_DROPOUT:
+            rng = rng_base + rows[None, :].to(tl.int64) * seq_k + offs_n[:, None]
+            keep = tl.rand(seed, rng) >= dropout_p
+            pdT = tl.where(keep, pT * rp, 0.0)
+            dpT = tl.where(keep, dpT * rp, 0.0)
         else:
-            qkT = _dot(k, tl.trans(q), None, PREC)
-            pT = tl.math.exp2(qkT * qk_scale - l2[None, :])
-            if MASKED:
-                pT = tl.where(rows[None, :] + causal_shift >= offs_n[:, None], pT, 0.0)
-            do = tl.load(do_ptrs, mask=rmask[:, None] & dmask, other=0.0)
-            dl = tl.load(DL + rows, mask=rmask, other=0.0)
-            dpT = _dot(v, tl.trans(do), None, PREC)
-            if HAS_DROPOUT:
-                rng = rng_base + rows[None, :].to(tl.int64) * seq_k + offs_n[:, None]
-                keep = tl.rand(seed, rng) >= dropout_p
-                pdT = tl.where(keep, pT * rp, 0.0)
-                dpT = tl.where(keep, dpT * rp, 0.0)
-            else:
-                pdT = pT
-            dv = _dot(pdT.to(do.dtype), do, dv, PREC)
-            dsT = pT * (dpT - dl[None, :])
-            dk = _dot(dsT.to(q.dtype), q, dk, PREC)
+            pdT = pT
+        dv = _dot(pdT.to(do.dtype), do, dv, PREC)
+        dsT = pT * (dpT - dl[None, :])
+        dk = _dot(dsT.to(q.dtype), q, dk, PREC)
         q_ptrs += BLOCK_M * stride_qm
         do_ptrs += BLOCK_M * stride_dom
     return dk, dv
@@ -289,16 +277,18 @@ def _bwd_kv_kernel(Q, K, V, DO, DK, DV, L2, DL, SEED,
                    stride_dob, stride_dom, stride_doh,
                    stride_dkb, stride_dkn, stride_dkh,
                    stride_dvb, stride_dvn, stride_dvh,
-                   H, HKV, GROUP, seq_q, seq_k, causal_shift, sm_scale, dropout_p,
+                   H, GROUP, seq_q, seq_k, causal_shift, sm_scale, dropout_p,
                    SQ_KEY, SK_KEY,
                    D: tl.constexpr, HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                   PREC: tl.constexpr, KV_AS_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One key block of one kv head; loops over the GROUP query heads that share it (GQA without
-    atomics or repeated K/V)."""
+                   PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dK/dV of one key block from one query head h (kv head h // GROUP). DK/DV are indexed by the
+    query head: with GQA the launcher passes fp32 per-query-head buffers and sums each group after
+    (deterministic, no atomics, K/V never repeated)."""
     pid_n = tl.program_id(0)
-    bhk = tl.program_id(1)
-    b = bhk // HKV
-    hk = bhk % HKV
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP
     n0 = pid_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -314,9 +304,15 @@ def _bwd_kv_kernel(Q, K, V, DO, DK, DV, L2, DL, SEED,
     if HAS_DROPOUT:
         seed = tl.load(SEED)
         rp = 1.0 / (1.0 - dropout_p)
+        rng_base = bh.to(tl.int64) * seq_q * seq_k
     else:
         seed = 0
         rp = 1.0
+        rng_base = 0
+    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+    l2_base = L2 + bh.to(tl.int64) * seq_q
+    dl_base = DL + bh.to(tl.int64) * seq_q
 
     # Query rows that see any key of this block: i >= n0 - shift. Rows that see all of them:
     # i >= n0 + BLOCK_N - 1 - shift; below that the causal mask is applied.
@@ -326,30 +322,20 @@ def _bwd_kv_kernel(Q, K, V, DO, DK, DV, L2, DL, SEED,
         m_mid = tl.maximum(n0 + BLOCK_N - 1 - causal_shift, 0)
         m_mid = tl.cdiv(m_mid, BLOCK_M) * BLOCK_M
         m_mid = tl.minimum(tl.maximum(m_mid, m_lo), tl.cdiv(seq_q, BLOCK_M) * BLOCK_M)
-    else:
-        m_lo = 0
-        m_mid = 0
-    for g in range(GROUP):
-        h = hk * GROUP + g
-        bh = b * H + h
-        q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-        do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-        l2_base = L2 + bh.to(tl.int64) * seq_q
-        dl_base = DL + bh.to(tl.int64) * seq_q
-        rng_base = bh.to(tl.int64) * seq_q * seq_k
-        if IS_CAUSAL:
-            dk, dv = _bwd_kv_inner(dk, dv, k, v, q_base, do_base, l2_base, dl_base, stride_qm, stride_dom,
-                                   m_lo, m_mid, offs_n, offs_d, seq_q, seq_k, causal_shift, qk_scale,
-                                   seed, rng_base, dropout_p, rp,
-                                   D, HEAD_DIM, True, HAS_DROPOUT, PREC, KV_AS_B, BLOCK_M)
         dk, dv = _bwd_kv_inner(dk, dv, k, v, q_base, do_base, l2_base, dl_base, stride_qm, stride_dom,
-                               m_mid, seq_q, offs_n, offs_d, seq_q, seq_k, causal_shift, qk_scale,
+                               m_lo, m_mid, offs_n, offs_d, seq_q, seq_k, causal_shift, qk_scale,
                                seed, rng_base, dropout_p, rp,
-                               D, HEAD_DIM, False, HAS_DROPOUT, PREC, KV_AS_B, BLOCK_M)
+                               D, HEAD_DIM, True, HAS_DROPOUT, PREC, BLOCK_M)
+    else:
+        m_mid = 0
+    dk, dv = _bwd_kv_inner(dk, dv, k, v, q_base, do_base, l2_base, dl_base, stride_qm, stride_dom,
+                           m_mid, seq_q, offs_n, offs_d, seq_q, seq_k, causal_shift, qk_scale,
+                           seed, rng_base, dropout_p, rp,
+                           D, HEAD_DIM, False, HAS_DROPOUT, PREC, BLOCK_M)
     dk = dk * sm_scale
-    tl.store(DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh
+    tl.store(DK + b.to(tl.int64) * stride_dkb + h.to(tl.int64) * stride_dkh
              + offs_n[:, None].to(tl.int64) * stride_dkn + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh
+    tl.store(DV + b.to(tl.int64) * stride_dvb + h.to(tl.int64) * stride_dvh
              + offs_n[:, None].to(tl.int64) * stride_dvn + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
@@ -480,23 +466,25 @@ def _bucket(s: int) -> int:
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages); the first entry of each list is also the
 # untuned default (FASTNN_FA_AUTOTUNE=0 and the tests). Classes by dtype and padded head dim.
+# Measured on an H100 (bf16, B*S = 16k, benchmarks/tune_flash_attention.py): the first entry of
+# each 16-bit list was the best or within a few % there, the rest are the next best candidates.
 FWD_CONFIGS = {
-    "h64": [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
-    "h128": [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3)],
+    "h64": [(128, 64, 8, 3), (64, 128, 4, 2), (128, 64, 4, 3), (64, 64, 4, 3)],
+    "h128": [(64, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 2)],
     "h256": [(64, 32, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2)],
     "f32": [(32, 32, 4, 2), (64, 32, 8, 2)],
     "f32h256": [(16, 32, 4, 1), (32, 32, 8, 1)],
 }
 BWD_KV_CONFIGS = {  # BLOCK_M = query rows per step, BLOCK_N = keys per program
-    "h64": [(32, 128, 8, 2), (32, 64, 4, 2), (64, 128, 8, 2), (32, 64, 4, 3)],
-    "h128": [(32, 128, 8, 2), (16, 128, 8, 2), (32, 64, 4, 2), (64, 64, 8, 2)],
-    "h256": [(32, 64, 8, 1), (32, 64, 8, 2), (32, 32, 4, 1)],
-    "f32": [(16, 64, 8, 1), (16, 32, 4, 1)],
-    "f32h256": [(16, 32, 8, 1), (16, 16, 4, 1)],
+    "h64": [(64, 64, 4, 2), (32, 64, 4, 3), (32, 64, 4, 2), (64, 128, 8, 2)],
+    "h128": [(64, 64, 4, 2), (32, 64, 4, 3), (64, 128, 8, 2), (32, 128, 8, 3)],
+    "h256": [(32, 32, 8, 1), (16, 32, 4, 1), (32, 32, 4, 1)],
+    "f32": [(16, 32, 8, 1), (16, 32, 4, 1)],
+    "f32h256": [(16, 16, 8, 1), (16, 16, 4, 1)],
 }
 BWD_Q_CONFIGS = {  # BLOCK_M = query rows per program, BLOCK_N = keys per step
-    "h64": [(128, 64, 8, 2), (64, 32, 4, 3), (128, 32, 4, 2), (64, 64, 4, 2)],
-    "h128": [(128, 32, 8, 2), (64, 32, 4, 2), (128, 64, 8, 2), (64, 64, 4, 2)],
+    "h64": [(64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 3), (128, 32, 8, 2)],
+    "h128": [(64, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 2), (128, 64, 8, 2)],
     "h256": [(64, 32, 8, 2), (32, 32, 8, 1), (32, 32, 4, 1)],
     "f32": [(32, 32, 4, 1), (64, 32, 8, 1)],
     "f32h256": [(16, 16, 4, 1)],
@@ -522,7 +510,7 @@ def _tuned(kernel, table, extra_key=()):
 
 
 _FWD_TUNED = _tuned(_fwd_kernel, FWD_CONFIGS, ("USE_TMA",))
-_BWD_KV_TUNED = _tuned(_bwd_kv_kernel, BWD_KV_CONFIGS, ("KV_AS_B",))
+_BWD_KV_TUNED = _tuned(_bwd_kv_kernel, BWD_KV_CONFIGS)
 _BWD_Q_TUNED = _tuned(_bwd_q_kernel, BWD_Q_CONFIGS)
 
 
@@ -539,9 +527,6 @@ def _tma_setting() -> str:
     return os.environ.get("FASTNN_FA_TMA", "auto")
 
 
-WARP_SPECIALIZE = os.environ.get("FASTNN_FA_WS", "0") == "1"
-# dK/dV kernel formulation: K/V as the B operands of S = Q K^T (True) or S^T = K Q^T (False)
-KV_AS_B = os.environ.get("FASTNN_FA_KV_AS_B", "1") == "1"
 _allocator_set = False
 
 
@@ -560,6 +545,11 @@ def _tma_ok(dtype, hd: int, *ts) -> bool:
     the per-(batch, head) offsets are multiples of those strides)."""
     setting = _tma_setting()
     if setting == "0" or not HAS_TENSOR_DESC or interpreted() or dtype == torch.float32:
+        return False
+    from torch._subclasses.fake_tensor import is_fake
+    if any(is_fake(t) for t in ts):
+        # traced by torch.compile: the generated launcher may not provide the scratch allocation
+        # device-side descriptors need, so compiled graphs use the pointer loads
         return False
     if not all(t.is_cuda for t in ts) or torch.cuda.get_device_capability(ts[0].device)[0] < 9:
         return False
@@ -606,7 +596,7 @@ def _strides3(t):
 
 
 def forward(q, k, v, *, softmax_scale: float, causal: bool, causal_shift: int = 0,
-            dropout_p: float = 0.0, seed=None, config=None, use_tma=None, warp_specialize=None):
+            dropout_p: float = 0.0, seed=None, config=None, use_tma=None):
     """out (B, Sq, H, D) in q's dtype, lse (B, H, Sq) fp32. See the module docstring for the layout."""
     B, Sq, H, D = q.shape
     Sk, Hkv = k.shape[1], k.shape[2]
@@ -618,14 +608,13 @@ def forward(q, k, v, *, softmax_scale: float, causal: bool, causal_shift: int = 
     tma = _tma_ok(q.dtype, hd, k, v) if use_tma is None else bool(use_tma)
     if tma:
         _ensure_allocator()
-    ws = WARP_SPECIALIZE if warp_specialize is None else bool(warp_specialize)
     has_drop = dropout_p > 0.0
     args = (q, k, v, out, lse, seed if has_drop else lse,
             *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out),
             H, H // Hkv, Sq, Sk, int(causal_shift) if causal else 0, float(softmax_scale), float(dropout_p),
             _bucket(Sq), _bucket(Sk))
     consts = dict(D=D, HEAD_DIM=hd, IS_CAUSAL=bool(causal), HAS_DROPOUT=has_drop, PREC=_precision(q.dtype),
-                  USE_TMA=tma, WARP_SPEC=ws and tma)
+                  USE_TMA=tma, SCALE_POS=float(softmax_scale) > 0.0)
     cls = _cls(q.dtype, hd)
     if config is None and not autotune_enabled():
         config = _fixed(FWD_CONFIGS[cls][0], Sq, Sk)
@@ -634,7 +623,7 @@ def forward(q, k, v, *, softmax_scale: float, causal: bool, causal_shift: int = 
 
 
 def backward(do, q, k, v, out, lse, dlse=None, *, softmax_scale: float, causal: bool, causal_shift: int = 0,
-             dropout_p: float = 0.0, seed=None, config_kv=None, config_q=None, kv_as_b=None):
+             dropout_p: float = 0.0, seed=None, config_kv=None, config_q=None):
     """dq, dk, dv (contiguous, (B, S, H, D) layout) from the saved out and lse."""
     from torch.library import wrap_triton
     B, Sq, H, D = q.shape
@@ -645,6 +634,10 @@ def backward(do, q, k, v, out, lse, dlse=None, *, softmax_scale: float, causal: 
     dv = torch.empty((B, Sk, Hkv, D), dtype=v.dtype, device=v.device)
     if B * H * Sq == 0 or Sk == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
+    group = H // Hkv
+    # GQA: per-query-head fp32 partials, summed per group below
+    dk_h = dk if group == 1 else torch.empty((B, Sk, H, D), dtype=torch.float32, device=k.device)
+    dv_h = dv if group == 1 else torch.empty((B, Sk, H, D), dtype=torch.float32, device=v.device)
     delta = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
     lse2 = torch.empty_like(delta)
     bm_pre = 32 if interpreted() else max(16, min(128, 8192 // hd))
@@ -655,23 +648,25 @@ def backward(do, q, k, v, out, lse, dlse=None, *, softmax_scale: float, causal: 
     has_drop = dropout_p > 0.0
     shift = int(causal_shift) if causal else 0
     common = dict(D=D, HEAD_DIM=hd, IS_CAUSAL=bool(causal), HAS_DROPOUT=has_drop, PREC=_precision(q.dtype))
-    kv_consts = dict(common, KV_AS_B=KV_AS_B if kv_as_b is None else bool(kv_as_b))
     cls = _cls(q.dtype, hd)
     seed_arg = seed if has_drop else lse
     if config_kv is None and not autotune_enabled():
         config_kv = _fixed(BWD_KV_CONFIGS[cls][0], Sq, Sk)
     if config_q is None and not autotune_enabled():
         config_q = _fixed(BWD_Q_CONFIGS[cls][0], Sq, Sk)
-    _launch(_bwd_kv_kernel, _BWD_KV_TUNED[cls], lambda bm, bn: (triton.cdiv(Sk, bn), B * Hkv),
-            (q, k, v, do, dk, dv, lse2, delta, seed_arg,
-             *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dk), *_strides3(dv),
-             H, Hkv, H // Hkv, Sq, Sk, shift, float(softmax_scale), float(dropout_p), _bucket(Sq), _bucket(Sk)),
-            kv_consts, config_kv)
+    _launch(_bwd_kv_kernel, _BWD_KV_TUNED[cls], lambda bm, bn: (triton.cdiv(Sk, bn), B * H),
+            (q, k, v, do, dk_h, dv_h, lse2, delta, seed_arg,
+             *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dk_h), *_strides3(dv_h),
+             H, group, Sq, Sk, shift, float(softmax_scale), float(dropout_p), _bucket(Sq), _bucket(Sk)),
+            common, config_kv)
     _launch(_bwd_q_kernel, _BWD_Q_TUNED[cls], lambda bm, bn: (triton.cdiv(Sq, bm), B * H),
             (q, k, v, do, dq, lse2, delta, seed_arg,
              *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dq),
              H, H // Hkv, Sq, Sk, shift, float(softmax_scale), float(dropout_p), _bucket(Sq), _bucket(Sk)),
             common, config_q)
+    if group > 1:
+        dk.copy_(dk_h.view(B, Sk, Hkv, group, D).sum(3))
+        dv.copy_(dv_h.view(B, Sk, Hkv, group, D).sum(3))
     return dq, dk, dv
 
 
