@@ -6,14 +6,20 @@ Layout and assumptions (the launchers below enforce them):
 - fp16/bf16 (fp32 accumulation, P cast to the input dtype for the PV matmul as FlashAttention does)
   or fp32 (3xTF32 matmuls, close to fp32 accuracy; plain TF32 when torch.backends.cuda.matmul.allow_tf32
   is on). Softmax statistics, dK/dV/dQ accumulators and the log-sum-exp are fp32 throughout.
-- D in [16, 256]; the kernels work on HEAD_DIM = next power of two >= D and mask the rest.
+- D in [1, 256]; the kernels work on HEAD_DIM = next power of two >= max(D, 16) and mask the rest.
+  Any Sq, Sk (tails are masked).
 - Causal: key j is visible to query i iff j <= i + causal_shift (0 = top-left, Sk - Sq = bottom-right).
-  A query row with no visible key gets output 0 and log-sum-exp -inf (flash-attn's convention).
+  A query row with no visible key gets output 0 (as in flash-attn) and log-sum-exp -inf.
 - Dropout: keep(b, h, i, j) = philox_uniform(seed, ((b*H + h)*Sq + i)*Sk + j) >= p, recomputed in the
   backward (never stored). `dropout_mask` runs the same stream for tests.
 - The log-sum-exp is natural-log, fp32, (B, H, Sq) contiguous.
 
 The softmax runs in base 2: scores are scaled by softmax_scale*log2(e) so exp2 can be used.
+Forward: one program per (query block, batch*head), online softmax over key blocks, unmasked blocks
+first; on sm_90+ K/V tiles come through device-side tensor descriptors (TMA) when the strides allow.
+Backward: a preprocess kernel (delta = rowsum(dO*O), lse in base 2), a dK/dV kernel (one program per
+key block and query head; GQA groups are summed from fp32 partials afterwards) and a dQ kernel, all
+recomputing P from the saved log-sum-exp. Deterministic: no atomics.
 """
 import os
 
@@ -540,6 +546,16 @@ def _ensure_allocator():
         _allocator_set = True
 
 
+_CAPS = {}
+
+
+def _capability(device):
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _CAPS:
+        _CAPS[idx] = torch.cuda.get_device_capability(idx)
+    return _CAPS[idx]
+
+
 def _tma_ok(dtype, hd: int, *ts) -> bool:
     """TMA needs a 16-byte aligned base and 16-byte multiple row strides (checked per tensor;
     the per-(batch, head) offsets are multiples of those strides)."""
@@ -551,7 +567,7 @@ def _tma_ok(dtype, hd: int, *ts) -> bool:
         # traced by torch.compile: the generated launcher may not provide the scratch allocation
         # device-side descriptors need, so compiled graphs use the pointer loads
         return False
-    if not all(t.is_cuda for t in ts) or torch.cuda.get_device_capability(ts[0].device)[0] < 9:
+    if not all(t.is_cuda for t in ts) or _capability(ts[0].device)[0] < 9:
         return False
     for t in ts:
         es = t.element_size()

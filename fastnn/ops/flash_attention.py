@@ -175,6 +175,12 @@ def _triton_why_not(q, k, v) -> Optional[str]:
 
 # ----------------------------------------------------------------------------- core
 
+def _why_not_fn(why: Optional[str]):
+    # None when the kernel can run: backends.select then never branches on a function object,
+    # which Dynamo in torch 2.11 cannot trace
+    return None if why is None else (lambda _backend: why)
+
+
 def _run_triton(q, k, v, dropout_p: float, scale: float, causal: bool, bottom_right: bool):
     """(B, S, H, D) views in, (out, lse) out, through the registered op (autograd included)."""
     _ops_ready()
@@ -200,7 +206,7 @@ def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, sof
     if tuple(window_size) != (-1, -1) or softcap != 0.0 or alibi_slopes is not None:
         raise NotImplementedError("flash_attn_func: window_size, softcap and alibi_slopes are not supported by fastnn; "
                                   "leave them at their defaults")
-    b = backends.select(OP, q.device, backend, why_not=lambda _b: _triton_why_not(q, k, v))
+    b = backends.select(OP, q.device, backend, why_not=_why_not_fn(_triton_why_not(q, k, v)))
     if b == "triton":
         out, lse = _run_triton(q, k, v, p, scale, bool(causal), True)
     else:
@@ -248,7 +254,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     fastnn.backends reports that choice (fastnn.backends.last_choice("flash_attention"))."""
     dev = query.device if isinstance(query, Tensor) else torch.device("cpu")
     why = _sdpa_why_not(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    b = backends.select(OP, dev, backend, why_not=lambda _b: why)
+    b = backends.select(OP, dev, backend, why_not=_why_not_fn(why))
     if b != "triton":
         kw = {"enable_gqa": enable_gqa} if enable_gqa else {}
         return reference.torch_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
