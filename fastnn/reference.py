@@ -64,10 +64,11 @@ def flash_attention(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, re
         out = out.transpose(1, 2).to(q.dtype)
         return (out, lse.float()) if return_lse else out
     mask = None
-    if causal:
+    if causal and sq != sk:  # bottom-right: an explicit mask (top-left, torch's is_causal, when sq == sk)
         mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(sk - sq)
     kw = {"enable_gqa": True} if q.shape[2] != k.shape[2] else {}
-    out = torch_sdpa(qt, kt, vt, attn_mask=mask, dropout_p=dropout_p, scale=scale, **kw)
+    out = torch_sdpa(qt, kt, vt, attn_mask=mask, dropout_p=dropout_p, scale=scale,
+                     is_causal=causal and sq == sk, **kw)
     return out.transpose(1, 2)
 
 
