@@ -1,1 +1,2 @@
 """The functional API of every op (re-exported from fastnn.ops.<op>)."""
+from fastnn.ops.flash_attention import flash_attn_func, scaled_dot_product_attention  # noqa: F401
