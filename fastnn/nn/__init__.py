@@ -1,1 +1,2 @@
 """Drop-in torch.nn modules backed by fastnn's kernels."""
+from fastnn.nn.stochastic_pool import StochasticPool2d  # noqa: F401
