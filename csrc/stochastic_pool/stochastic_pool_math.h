@@ -82,9 +82,14 @@ FASTNN_HD U32x4 philox_block(uint64_t seed, uint64_t offset, uint64_t group) {
 // Uniform in [0, 1) with 24 random bits (exactly representable in float).
 FASTNN_HD float uniform01(uint32_t r) { return static_cast<float>(r >> 8) * (1.0f / 16777216.0f); }
 
+// Word k of a block, with selects rather than a dynamic index (which would put the block in
+// local memory on the GPU).
+FASTNN_HD uint32_t word_of(const U32x4& b, uint32_t k) {
+  return k == 0 ? b.v[0] : k == 1 ? b.v[1] : k == 2 ? b.v[2] : b.v[3];
+}
+
 FASTNN_HD float uniform_for(uint64_t seed, uint64_t offset, uint64_t e) {
-  const U32x4 b = philox_block(seed, offset, e >> 2);
-  return uniform01(b.v[e & 3]);
+  return uniform01(word_of(philox_block(seed, offset, e >> 2), static_cast<uint32_t>(e & 3)));
 }
 
 // --------------------------------------------------------------------------- window helpers

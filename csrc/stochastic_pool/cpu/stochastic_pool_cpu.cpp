@@ -55,7 +55,7 @@ struct PhiloxCache {
       group = e >> 2;
       blk = philox_block(seed, 0, group);
     }
-    return uniform01(blk.v[e & 3]);
+    return uniform01(word_of(blk, static_cast<uint32_t>(e & 3)));
   }
 };
 
