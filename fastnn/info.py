@@ -44,6 +44,10 @@ def report() -> str:
     if _ext.EXT is None:
         lines.append(f"extension unusable: {_ext.EXT_REASON}")
     lines.append(f"device: {_device_line()}")
+    lines.append("backends on this machine:")
+    for b in backends.BACKENDS:
+        r = backends.unavailable(b)
+        lines.append(f"  {b:<9}  {'available' if r is None else 'unavailable: ' + r}")
     lines.append("")
     tab = backends.table()
     if not tab:
