@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 
 #include "common/host_device.h"
 
@@ -127,8 +128,20 @@ struct Stats {
   bool neg;
 };
 
-template <int N, int MODE, typename acc_t, typename W>
-FASTNN_HD Stats<acc_t> window_stats(const W& w, int n) {
+// Where window_stats may keep the softmax weights exp(a_i - m) so the draw does not recompute
+// them: an array for compile-time windows (registers on the GPU), nothing for runtime ones.
+template <typename acc_t, int N>
+struct WeightCache {
+  acc_t v[N];
+  FASTNN_HD void put(int i, acc_t x) { v[i] = x; }
+};
+struct NoWeightCache {
+  template <typename T>
+  FASTNN_HD void put(int, T) {}
+};
+
+template <int N, int MODE, typename acc_t, typename W, typename Cache>
+FASTNN_HD Stats<acc_t> window_stats(const W& w, int n, Cache& cache) {
   Stats<acc_t> st;
   st.s1 = acc_t(0);
   st.s2 = acc_t(0);
@@ -155,6 +168,7 @@ FASTNN_SP_UNROLL
     for (int i = 0; i < cnt; ++i) {
       const acc_t a = w(i);
       const acc_t e = exp_acc<acc_t>(a - m);
+      cache.put(i, e);
       st.s1 += e;
       st.s2 += e != acc_t(0) ? e * a : acc_t(0);  // padded/-inf entries add 0, not 0 * -inf
     }
@@ -162,10 +176,20 @@ FASTNN_SP_UNROLL
   return st;
 }
 
-// Sampling weight of value a (unnormalised p_i).
+template <int N, int MODE, typename acc_t, typename W>
+FASTNN_HD Stats<acc_t> window_stats(const W& w, int n) {
+  NoWeightCache none;
+  return window_stats<N, MODE, acc_t>(w, n, none);
+}
+
+// Sampling weight of entry i (unnormalised p_i): a_i, or exp(a_i - m) cached or recomputed.
 template <int MODE, typename acc_t>
-FASTNN_HD acc_t weight_of(acc_t a, acc_t m) {
+FASTNN_HD acc_t weight_of(acc_t a, acc_t m, int, const NoWeightCache&) {
   return MODE == kActivation ? a : exp_acc<acc_t>(a - m);
+}
+template <int MODE, typename acc_t, int N>
+FASTNN_HD acc_t weight_of(acc_t a, acc_t, int i, const WeightCache<acc_t, N>& c) {
+  return MODE == kActivation ? a : c.v[i];
 }
 
 template <int MODE, typename acc_t>
@@ -189,35 +213,36 @@ FASTNN_HD acc_t eval_grad(const Stats<acc_t>& st, acc_t y, acc_t a) {
   return p != acc_t(0) ? p * (acc_t(1) + a - y) : acc_t(0);
 }
 
-// Inverse-CDF draw: the first offset whose cumulative weight exceeds u * total. Zero-weight
-// (padded) entries can never be first. If rounding leaves no such entry, the last entry with a
-// positive weight is taken. Returns the offset; *val gets its value. Requires total > 0.
-template <int N, int MODE, typename acc_t, typename W>
-FASTNN_HD int sample_offset(const W& w, int n, const Stats<acc_t>& st, float u, acc_t* val) {
+// Inverse-CDF draw: the first offset whose cumulative weight exceeds t = u * total, i.e. the
+// number of cumulative weights <= t (cum never decreases). A zero-weight (padded) entry can never
+// be first. If rounding leaves no such entry, the last entry with a positive weight is taken.
+// Returns the offset; *val gets its value. Requires total > 0.
+// u is random, so everything is counts and selects, no data-dependent branch (it would
+// mispredict on the CPU and diverge on the GPU). Reading the chosen value is the one difference:
+// the CPU indexes the window; the GPU selects it, as a dynamic index would move the register
+// window to local memory.
+template <int N, int MODE, typename acc_t, typename W, typename Cache>
+FASTNN_HD int sample_offset(const W& w, int n, const Stats<acc_t>& st, const Cache& cache, float u, acc_t* val) {
   const acc_t t = static_cast<acc_t>(u) * total_weight<MODE>(st);
   const int cnt = loop_count(N, n);
   acc_t cum = acc_t(0);
-  int pick = -1, last = 0;
-  acc_t pick_v = acc_t(0), last_v = acc_t(0);
+  int below = 0, last = 0;
 FASTNN_SP_UNROLL
   for (int i = 0; i < cnt; ++i) {
-    const acc_t a = w(i);
-    const acc_t wt = weight_of<MODE>(a, st.m);
+    const acc_t wt = weight_of<MODE>(w(i), st.m, i, cache);
     cum += wt;
-    if (wt > acc_t(0)) {
-      last = i;
-      last_v = a;
-    }
-    if (pick < 0 && cum > t) {
-      pick = i;
-      pick_v = a;
-    }
+    below += cum <= t;
+    last = wt > acc_t(0) ? i : last;
   }
-  if (pick < 0) {
-    pick = last;
-    pick_v = last_v;
-  }
-  *val = pick_v;
+  const int pick = below < cnt ? below : last;
+#if defined(__CUDA_ARCH__)
+  acc_t v = acc_t(0);
+FASTNN_SP_UNROLL
+  for (int i = 0; i < cnt; ++i) v = i == pick ? w(i) : v;
+  *val = v;
+#else
+  *val = w(pick);
+#endif
   return pick;
 }
 
@@ -227,7 +252,11 @@ FASTNN_SP_UNROLL
 //  - activation mode, all-zero window: 0, offset = first in-bounds element (as max_pool's tie rule).
 template <int N, int MODE, bool TRAIN, typename acc_t, typename W>
 FASTNN_HD acc_t forward_one(const W& w, int n, float u, int first_valid, int* offset, bool* neg) {
-  const Stats<acc_t> st = window_stats<N, MODE, acc_t>(w, n);
+  // Softmax training with a compile-time window keeps the weights; otherwise nothing is cached.
+  using Cache = typename std::conditional<(N > 0 && MODE == kSoftmax && TRAIN), WeightCache<acc_t, (N > 0 ? N : 1)>,
+                                          NoWeightCache>::type;
+  Cache cache;
+  const Stats<acc_t> st = window_stats<N, MODE, acc_t>(w, n, cache);
   *neg = MODE == kActivation && st.neg;
   *offset = first_valid;
   const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
@@ -237,7 +266,7 @@ FASTNN_HD acc_t forward_one(const W& w, int n, float u, int first_valid, int* of
   if (!TRAIN) return eval_value<MODE>(st);
   if (!(total > acc_t(0))) return acc_t(0);
   acc_t v;
-  *offset = sample_offset<N, MODE, acc_t>(w, n, st, u, &v);
+  *offset = sample_offset<N, MODE, acc_t>(w, n, st, cache, u, &v);
   return v;
 }
 

@@ -67,48 +67,58 @@ bool forward_kernel(const at::Tensor& x_t, at::Tensor& y_t, at::Tensor& off_t, c
   const scalar_t* x = x_t.const_data_ptr<scalar_t>();
   scalar_t* y = y_t.mutable_data_ptr<scalar_t>();
   uint8_t* off = TRAIN ? off_t.mutable_data_ptr<uint8_t>() : nullptr;
-  const int n_win = g.kh * g.kw;
-  const acc_t pad = pad_value<acc_t>(MODE);
   std::atomic<bool> any_neg{false};
 
-  auto one = [&](int64_t n, int64_t c, int64_t oh, int64_t ow, PhiloxCache& rng, bool& neg_acc) {
+  // Each task works on local copies of the geometry and pointers: the uint8 offset stores may
+  // alias anything, and would otherwise force reloads of every captured field per output.
+  struct Ctx {
+    Geometry g;
+    const scalar_t* x;
+    scalar_t* y;
+    uint8_t* off;
+    PhiloxCache rng;
+    bool neg;
+  };
+  auto one = [](Ctx& k, int64_t n, int64_t c, int64_t oh, int64_t ow) {
+    const Geometry& g = k.g;
     const int64_t hs = oh * g.sh - g.ph, ws = ow * g.sw - g.pw;
     RegWindow<acc_t, CAP> w;
-    load_window<KH, KW>(w, x + n * g.xs[0] + c * g.xs[1], g, hs, ws, pad);
+    load_window<KH, KW>(w, k.x + n * g.xs[0] + c * g.xs[1], g, hs, ws, pad_value<acc_t>(MODE));
     float u = 0.f;
-    if (TRAIN) u = rng.uniform(((n * g.C + c) * g.OH + oh) * g.OW + ow);
+    if (TRAIN) u = k.rng.uniform(((n * g.C + c) * g.OH + oh) * g.OW + ow);
     int o;
     bool neg;
-    const acc_t v = forward_one<N, MODE, TRAIN, acc_t>(w, n_win, u, first_valid_offset(hs, ws, g.kw), &o, &neg);
-    y[n * g.ys[0] + c * g.ys[1] + oh * g.ys[2] + ow * g.ys[3]] = static_cast<scalar_t>(v);
-    if (TRAIN) off[n * g.os[0] + c * g.os[1] + oh * g.os[2] + ow * g.os[3]] = static_cast<uint8_t>(o);
-    neg_acc |= neg;
+    const acc_t v =
+        forward_one<N, MODE, TRAIN, acc_t>(w, g.kh * g.kw, u, first_valid_offset(hs, ws, g.kw), &o, &neg);
+    k.y[n * g.ys[0] + c * g.ys[1] + oh * g.ys[2] + ow * g.ys[3]] = static_cast<scalar_t>(v);
+    if (TRAIN) k.off[n * g.os[0] + c * g.os[1] + oh * g.os[2] + ow * g.os[3]] = static_cast<uint8_t>(o);
+    k.neg |= neg;
   };
 
   const int64_t plane = g.OH * g.OW;
   if (!g.channels_last) {
     at::parallel_for(0, g.N * g.C, std::max<int64_t>(1, 16384 / std::max<int64_t>(plane, 1)),
                      [&](int64_t b, int64_t e) {
-                       PhiloxCache rng{seed};
-                       bool neg = false;
+                       Ctx k{g, x, y, off, PhiloxCache{seed}, false};
+                       const int64_t C = k.g.C, OH = k.g.OH, OW = k.g.OW;
                        for (int64_t p = b; p < e; ++p) {
-                         const int64_t n = p / g.C, c = p % g.C;
-                         for (int64_t oh = 0; oh < g.OH; ++oh)
-                           for (int64_t ow = 0; ow < g.OW; ++ow) one(n, c, oh, ow, rng, neg);
+                         const int64_t n = p / C, c = p % C;
+                         for (int64_t oh = 0; oh < OH; ++oh)
+                           for (int64_t ow = 0; ow < OW; ++ow) one(k, n, c, oh, ow);
                        }
-                       if (neg) any_neg.store(true, std::memory_order_relaxed);
+                       if (k.neg) any_neg.store(true, std::memory_order_relaxed);
                      });
   } else {
     at::parallel_for(0, g.N * g.OH, std::max<int64_t>(1, 16384 / std::max<int64_t>(g.OW * g.C, 1)),
                      [&](int64_t b, int64_t e) {
-                       PhiloxCache rng{seed};
-                       bool neg = false;
+                       Ctx k{g, x, y, off, PhiloxCache{seed}, false};
+                       const int64_t C = k.g.C, OH = k.g.OH, OW = k.g.OW;
                        for (int64_t r = b; r < e; ++r) {
-                         const int64_t n = r / g.OH, oh = r % g.OH;
-                         for (int64_t ow = 0; ow < g.OW; ++ow)
-                           for (int64_t c = 0; c < g.C; ++c) one(n, c, oh, ow, rng, neg);
+                         const int64_t n = r / OH, oh = r % OH;
+                         for (int64_t ow = 0; ow < OW; ++ow)
+                           for (int64_t c = 0; c < C; ++c) one(k, n, c, oh, ow);
                        }
-                       if (neg) any_neg.store(true, std::memory_order_relaxed);
+                       if (k.neg) any_neg.store(true, std::memory_order_relaxed);
                      });
   }
   return any_neg.load();
