@@ -26,6 +26,8 @@ CONFIGS = [
     ((2, 3, 5, 5), 4, 3, 2, True),
     ((1, 3, 13, 10), (5, 4), 2, 2, True),
     ((2, 2, 6, 7), 2, 1, 1, True),
+    ((2, 3, 7, 9), 2, 2, 0, False),  # disjoint windows leaving the last row/column uncovered
+    ((1, 4, 9, 10), (2, 3), (3, 4), (1, 1), False),  # stride > kernel, last windows reach the end
 ]
 CONFIG_IDS = [f"{s}-k{k}-s{st}-p{p}-{'ceil' if c else 'floor'}" for s, k, st, p, c in CONFIGS]
 
@@ -601,3 +603,200 @@ def test_module_and_backend_choice():
     with fastnn.use_backend("reference"):
         pool.train()(x)
     assert fastnn.backends.last_choice("stochastic_pool2d")[0] == "reference"
+
+
+# ------------------------------------------------------------------------------------ CUDA code on the CPU
+# The CUDA kernels' per-thread bodies (csrc/stochastic_pool/cuda/stochastic_pool_cuda_kernels.cuh)
+# are host-compilable: tests/stochastic_pool_cuda_emu.cpp runs them for every thread index, with
+# the GPU variant of the sampling code, so their indexing, layouts, sampling and backward paths
+# are checked here without a GPU (float32; the GPU's fast-math exp is not emulated).
+_EMU = {}
+
+
+def _emu_lib():
+    if "lib" in _EMU:
+        return _EMU["lib"]
+    import ctypes
+    import os
+    import shutil
+    import subprocess
+    import tempfile
+
+    cxx = os.environ.get("CXX", "g++").split()[-1]
+    if shutil.which(cxx) is None:
+        _EMU["lib"] = None
+        _EMU["why"] = f"no host compiler ({cxx})"
+        return None
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    incs = ["-I" + os.path.join(root, "csrc"), "-I" + os.path.join(os.path.dirname(torch.__file__), "include")]
+    # IntegerDivider.cuh includes cuda_runtime.h: the toolkit's, or the one in the nvidia wheels
+    cands = [os.path.join(os.environ[v], "include") for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)]
+    cands += ["/usr/local/cuda/include"] + sorted(__import__("glob").glob("/usr/local/cuda-*/include"))
+    cands += [os.path.join(os.path.dirname(os.path.dirname(torch.__file__)), "nvidia", d, "include")
+              for d in ("cu13", "cuda_runtime", "cu12")]
+    cuda_inc = [d for d in cands if os.path.isfile(os.path.join(d, "cuda_runtime.h"))]
+    if not cuda_inc:
+        _EMU["lib"] = None
+        _EMU["why"] = "cuda_runtime.h not found (no CUDA toolkit or nvidia wheels)"
+        return None
+    out = os.path.join(tempfile.mkdtemp(prefix="fastnn_sp_emu_"), "sp_emu.so")
+    src = os.path.join(root, "tests", "stochastic_pool_cuda_emu.cpp")
+    err = ""
+    for std in ("-std=c++17", "-std=c++20"):
+        r = subprocess.run([cxx, std, "-O1", "-shared", "-fPIC", *incs, "-I" + cuda_inc[0], src, "-o", out],
+                           capture_output=True, text=True)
+        if r.returncode == 0:
+            break
+        err = r.stderr[-2000:]
+    else:
+        raise AssertionError(f"building the CUDA-kernel emulation failed:\n{err}")
+    lib = ctypes.CDLL(out)
+    vp, u64, ci = ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int
+    lib.sp_emu_forward.argtypes = [vp, vp, vp, vp, ci, ci, u64, u64, ci]
+    lib.sp_emu_forward.restype = ci
+    lib.sp_emu_backward.argtypes = [vp, vp, vp, vp, vp, ci, ci, ci]
+    _EMU["lib"] = lib
+    return lib
+
+
+def _layout_of(x):
+    return torch.channels_last if x.stride(1) < x.stride(3) else torch.contiguous_format
+
+
+def _geom(x, k, s, p, oh, ow, ys, os_, gs):
+    (kh, kw), (sh, sw), (ph, pw) = _pair(k), _pair(s), _pair(p)
+    vals = [*x.shape, oh, ow, kh, kw, sh, sw, ph, pw, *x.stride(), *ys, *os_, *gs,
+            int(_layout_of(x) == torch.channels_last)]
+    return torch.tensor(vals, dtype=torch.int64)
+
+
+def emu_forward(x, k, s, p, ceil_mode, mode, training, seed=0, offset=0, force64=False):
+    lib = _emu_lib()
+    n, c, h, w = x.shape
+    (kh, kw), (sh, sw), (ph, pw) = _pair(k), _pair(s), _pair(p)
+    oh = R.stochastic_pool_output_size(h, kh, sh, ph, ceil_mode)
+    ow = R.stochastic_pool_output_size(w, kw, sw, pw, ceil_mode)
+    fmt = _layout_of(x)
+    out = torch.empty((n, c, oh, ow), memory_format=fmt).fill_(float("nan"))
+    off = torch.empty((n, c, oh, ow), dtype=torch.uint8, memory_format=fmt).fill_(255)
+    geom = _geom(x, k, s, p, oh, ow, out.stride(), off.stride(), (0, 0, 0, 0))
+    neg = lib.sp_emu_forward(x.data_ptr(), out.data_ptr(), off.data_ptr(), geom.data_ptr(),
+                             MODES.index(mode), int(training), seed, offset, int(force64))
+    return out, (off if training else None), bool(neg)
+
+
+def emu_backward(g, x, off, k, s, p, mode, training, force64=False):
+    lib = _emu_lib()
+    gi = torch.empty(x.shape, memory_format=_layout_of(x)).fill_(float("nan"))
+    oh, ow = g.shape[2:]
+    geom = _geom(x, k, s, p, oh, ow, gi.stride(), off.stride() if off is not None else (0,) * 4, g.stride())
+    lib.sp_emu_backward(g.data_ptr(), x.data_ptr(), off.data_ptr() if off is not None else None, gi.data_ptr(),
+                        geom.data_ptr(), MODES.index(mode), int(training), int(force64))
+    return gi
+
+
+def _philox_uniforms(seed, offset, idx):
+    """Python Philox4x32-10 (as stochastic_pool_math.h): the uniform of logical output index idx."""
+    m32 = 0xFFFFFFFF
+    ctr = offset // 4
+    c = [torch.full_like(idx, ctr & m32), torch.full_like(idx, ctr >> 32), (idx >> 2) & m32, (idx >> 34) & m32]
+    k0, k1 = seed & m32, seed >> 32
+    for _ in range(10):
+        p0 = c[0] * 0xD2511F53
+        p1 = c[2] * 0xCD9E8D57
+        hi0, lo0, hi1, lo1 = (p0 >> 32) & m32, p0 & m32, (p1 >> 32) & m32, p1 & m32
+        c = [hi1 ^ c[1] ^ k0, lo1, hi0 ^ c[3] ^ k1, lo0]
+        k0, k1 = (k0 + 0x9E3779B9) & m32, (k1 + 0xBB67AE85) & m32
+    word = torch.stack(c, -1).gather(-1, (idx & 3).unsqueeze(-1)).squeeze(-1)
+    return (word >> 8).float() * (1.0 / 16777216.0)
+
+
+def _expected_offsets(x, k, s, p, ceil_mode, mode, seed, offset):
+    """Inverse-CDF draw in float32 with sequential sums, as the kernels (activation: exact)."""
+    (kh, kw), (sh, sw), (ph, pw) = _pair(k), _pair(s), _pair(p)
+    n, c, h, w = x.shape
+    cols, mask, oh, ow = R._stochastic_pool_windows(x, (kh, kw), (sh, sw), (ph, pw), ceil_mode)
+    cols = cols.float()
+    if mode == "softmax":
+        a = cols.masked_fill(~mask, float("-inf"))
+        wts = torch.exp(a - a.amax(2, keepdim=True))
+    else:
+        wts = cols
+    idx = torch.arange(n * c * oh * ow).view(n, c, 1, oh * ow)
+    u = _philox_uniforms(seed, offset, idx)
+    cum = torch.zeros_like(wts[:, :, :1])
+    cums = []
+    for i in range(kh * kw):
+        cum = cum + wts[:, :, i:i + 1]
+        cums.append(cum)
+    cums = torch.cat(cums, 2)
+    t = u * cums[:, :, -1:]
+    below = (cums <= t).sum(2, keepdim=True)
+    return below.view(n, c, oh, ow), (cums - t).abs().amin(2).view(n, c, oh, ow) / cums[:, :, -1].view(n, c, oh, ow)
+
+
+def _emu_or_skip():
+    if _emu_lib() is None:
+        pytest.skip(f"CUDA-kernel emulation unavailable: {_EMU['why']}")
+
+
+@needs_op
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "noncontig"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("cfg", CONFIGS, ids=CONFIG_IDS)
+def test_cuda_kernels_emulated_on_cpu(cfg, mode, layout):
+    _emu_or_skip()
+    shape, k, s, p, ceil_mode = cfg
+    x = make_input(shape, mode, "cpu")
+    if mode == "activation":
+        x = torch.where(torch.rand_like(x) < 0.25, torch.zeros_like(x), x)
+        x[0, 0] = 0  # all-zero windows
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "noncontig":
+        x = noncontig(x)
+    force64 = layout == "noncontig"  # also run the 64-bit index path
+    kk, ss, pp = list(_pair(k)), list(_pair(s)), list(_pair(p))
+    # eval forward and backward against the CPU kernels
+    ev, _, neg = emu_forward(x, k, s, p, ceil_mode, mode, False, force64=force64)
+    ref, _ = torch.ops.fastnn.stochastic_pool2d(x, kk, ss, pp, ceil_mode, mode, False)
+    assert not neg and ev.stride() == ref.stride()
+    torch.testing.assert_close(ev, ref, rtol=1e-5, atol=1e-6)
+    g = torch.randn(ref.shape)[:, :, :, :]
+    g = g.transpose(2, 3).contiguous().transpose(2, 3)  # a strided grad_output
+    gi = emu_backward(g, x, None, k, s, p, mode, False, force64)
+    gref = torch.ops.fastnn.stochastic_pool2d_backward(g, x, torch.empty(0, dtype=torch.uint8), kk, ss, pp, ceil_mode,
+                                                       mode, False)
+    assert gi.stride() == gref.stride()
+    torch.testing.assert_close(gi, gref, rtol=1e-5, atol=1e-6)
+    # training forward: the Philox draws and the inverse CDF, against the Python expectation
+    seed, offset = 0x1234_5678_9ABC_DEF1, 8
+    tr, off, neg = emu_forward(x, k, s, p, ceil_mode, mode, True, seed, offset, force64)
+    assert not neg
+    expect, margin = _expected_offsets(x, k, s, p, ceil_mode, mode, seed, offset)
+    ih, iw = positions(off, k, s, p)
+    h, w = shape[2:]
+    assert bool(((ih >= 0) & (ih < h) & (iw >= 0) & (iw < w)).all())
+    n_idx = torch.arange(shape[0]).view(-1, 1, 1, 1).expand_as(ih)
+    c_idx = torch.arange(shape[1]).view(1, -1, 1, 1).expand_as(ih)
+    assert torch.equal(tr, x[n_idx, c_idx, ih, iw])
+    nonzero = tr != 0 if mode == "activation" else torch.ones_like(tr, dtype=torch.bool)
+    differ = (off.long() != expect) & nonzero
+    if mode == "activation":
+        assert not differ.any(), "sampled offsets differ from the Philox/inverse-CDF expectation"
+    else:  # exp may differ by an ulp between libm and torch: only near-ties may disagree
+        assert bool((margin[differ] < 1e-5).all())
+    # training backward: disjoint (per output) or gather (per input) kernel vs the CPU kernels
+    gi = emu_backward(g, x, off, k, s, p, mode, True, force64)
+    gref = torch.ops.fastnn.stochastic_pool2d_backward(g, x, off, kk, ss, pp, ceil_mode, mode, True)
+    torch.testing.assert_close(gi, gref, rtol=1e-6, atol=1e-6)
+
+
+@needs_op
+def test_cuda_kernels_emulated_negative_flag():
+    _emu_or_skip()
+    x = torch.rand(1, 2, 5, 5)
+    x[0, 1, 4, 4] = -0.5
+    out, _, neg = emu_forward(x, 2, 2, 1, True, "activation", False)
+    assert neg and torch.isnan(out[0, 1, 2, 2]) and not torch.isnan(out[0, 0]).any()
+    assert not emu_forward(x, 2, 2, 1, True, "softmax", True)[2]

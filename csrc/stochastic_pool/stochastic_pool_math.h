@@ -19,6 +19,14 @@
 
 #include "common/host_device.h"
 
+// The GPU variant of the code paths that differ (sample_offset); FASTNN_SP_EMULATE_DEVICE selects
+// it on the host too, for the CPU emulation of the CUDA kernels in the tests.
+#if defined(__CUDA_ARCH__) || defined(FASTNN_SP_EMULATE_DEVICE)
+#define FASTNN_SP_DEVICE_PATH 1
+#else
+#define FASTNN_SP_DEVICE_PATH 0
+#endif
+
 // Full unrolling of the window loops matters on the GPU (the window stays in registers); GCC
 // unrolls these small constant-trip loops at -O3 by itself.
 #if defined(__CUDACC__)
@@ -36,15 +44,11 @@ constexpr uint64_t kPhiloxIncrement = 4;  // 32-bit values reserved per element 
 enum Mode : int { kActivation = 0, kSoftmax = 1 };
 
 // --------------------------------------------------------------------------- Philox4x32-10
+// One 32x32 -> 64-bit multiply (a single IMAD.WIDE on the GPU) gives both halves.
 FASTNN_HD void mulhilo32(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo) {
-#if defined(__CUDA_ARCH__)
-  lo = a * b;
-  hi = __umulhi(a, b);
-#else
   const uint64_t p = static_cast<uint64_t>(a) * b;
   lo = static_cast<uint32_t>(p);
   hi = static_cast<uint32_t>(p >> 32);
-#endif
 }
 
 struct U32x4 {
@@ -235,7 +239,7 @@ FASTNN_SP_UNROLL
     last = wt > acc_t(0) ? i : last;
   }
   const int pick = below < cnt ? below : last;
-#if defined(__CUDA_ARCH__)
+#if FASTNN_SP_DEVICE_PATH
   acc_t v = acc_t(0);
 FASTNN_SP_UNROLL
   for (int i = 0; i < cnt; ++i) v = i == pick ? w(i) : v;
