@@ -457,6 +457,19 @@ def test_negative_input_in_activation_mode_raises(training, backend, device):
     assert torch.isfinite(stochastic_pool2d(x, 2, mode="softmax", training=training, backend=be)).all()
 
 
+@pytest.mark.cuda
+def test_negative_input_cuda_without_sync_gives_nan(monkeypatch):
+    """FASTNN_STOCHASTIC_POOL_CHECK=nan: no host sync, no error, but the windows with a negative
+    value output NaN (never a silently wrong number)."""
+    monkeypatch.setenv("FASTNN_STOCHASTIC_POOL_CHECK", "nan")
+    x = torch.rand(2, 3, 8, 8, device="cuda")
+    x[1, 2, 5, 6] = -1e-3
+    for training in (True, False):
+        out = stochastic_pool2d(x, 2, training=training, backend="cuda")
+        nan = torch.isnan(out)
+        assert bool(nan[1, 2, 2, 3]) and int(nan.sum()) == 1
+
+
 @needs_op
 @pytest.mark.parametrize("device", DEVICES)
 def test_negative_input_raw_op(device):

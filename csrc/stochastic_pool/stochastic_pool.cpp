@@ -15,6 +15,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -141,6 +142,13 @@ at::Tensor backward_cpu_entry(const at::Tensor& grad_out, const at::Tensor& self
 }
 
 #ifdef FASTNN_WITH_CUDA
+// FASTNN_STOCHASTIC_POOL_CHECK=nan skips the CUDA negative-input check's host sync (activation
+// mode): no ValueError then, the windows with a negative value output NaN. Default: "sync".
+bool cuda_sync_check() {
+  const char* v = std::getenv("FASTNN_STOCHASTIC_POOL_CHECK");
+  return v == nullptr || std::string(v) != "nan";
+}
+
 std::tuple<at::Tensor, at::Tensor> forward_cuda_entry(const at::Tensor& self, at::IntArrayRef kernel_size,
                                                       at::IntArrayRef stride, at::IntArrayRef padding, bool ceil_mode,
                                                       c10::string_view mode, bool training,
@@ -156,7 +164,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda_entry(const at::Tensor& self, at
   if (out.numel() == 0) return {out, offsets};
   set_strides(g.ys, out);
   if (training) set_strides(g.os, offsets);
-  const bool neg = forward_cuda(self, out, offsets, g, m, training, generator);
+  const bool neg = forward_cuda(self, out, offsets, g, m, training, generator, cuda_sync_check());
   TORCH_CHECK_VALUE(!neg, kNegativeMsg);
   return {out, offsets};
 }

@@ -104,7 +104,11 @@ def stochastic_pool2d(input: torch.Tensor, kernel_size: IntPair, stride: Optiona
     window gives 0. kernel_size/stride/padding/ceil_mode and the output size are as nn.MaxPool2d
     (stride=None means kernel_size); padded positions are never chosen. Randomness comes from
     `generator` (default: the device's default generator, so torch.manual_seed reproduces it).
-    The output keeps the input's memory format (channels_last or contiguous)."""
+    The output keeps the input's memory format (channels_last or contiguous).
+
+    Negative inputs in mode='activation' raise ValueError. On CUDA the kernel flags them and the
+    flag is read back once per call (a 4-byte copy and a stream sync); set the environment variable
+    FASTNN_STOCHASTIC_POOL_CHECK=nan to skip that sync (the offending windows then output NaN)."""
     k, s, p = check_window_args(kernel_size, stride, padding, mode)
     ceil_mode, training = bool(ceil_mode), bool(training)
     _check_input(input, k, s, p, ceil_mode, generator)

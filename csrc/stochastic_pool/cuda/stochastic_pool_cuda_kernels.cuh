@@ -181,7 +181,7 @@ FASTNN_HD void forward_thread(int64_t e, const scalar_t* FASTNN_SP_RESTRICT x, s
   });
   y[e] = static_cast<scalar_t>(v);
   if (TRAIN) off[e] = static_cast<uint8_t>(o);
-  if (MODE == kActivation && neg) *neg_flag = 1;  // benign race: every writer stores 1
+  if (MODE == kActivation && neg && neg_flag != nullptr) *neg_flag = 1;  // benign race: all store 1
 }
 
 // ------------------------------------------------------------------------------ backward
