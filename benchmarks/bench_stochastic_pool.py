@@ -1,8 +1,10 @@
-"""Stochastic pooling: fastnn's kernels vs the unfold-based reference (fastnn.reference), with
-F.max_pool2d as the floor (a pooling that moves the same bytes and draws nothing) and, on the
-CPU, the tutorial's per-window Python loop. On CUDA, activation mode is also timed as
-"fastnn[no-sync-check]" (FASTNN_STOCHASTIC_POOL_CHECK=nan), without the one host sync per call
-that the negative-input check costs.
+"""Stochastic pooling: fastnn's kernels vs
+- the unfold-based reference (fastnn.reference),
+- F.max_pool2d, the floor (a pooling that moves the same bytes and draws nothing),
+- torch.compile of the reference (CPU training forward+backward by default; all with --fastnn-full),
+- on the CPU, the tutorial's per-window Python loop, for the record.
+On CUDA, activation mode is also timed as "fastnn[no-sync-check]" (FASTNN_STOCHASTIC_POOL_CHECK=nan):
+without the one host sync per call that the negative-input check costs.
 
 Default run: on CUDA (32, 256, 56, 56) fp32, k=2 s=2 and k=3 s=2, training and eval, forward and
 forward+backward; on the CPU the same passes at (8, 128, 56, 56), plus a softmax-mode training
@@ -135,6 +137,12 @@ def _fn(impl, x, k, s, mode, pass_):
     elif impl == "reference":
         def fwd(t):
             return R.stochastic_pool2d(t, (k, k), (s, s), (0, 0), False, mode, training)
+    elif impl == "compile":  # torch.compile (inductor) of the reference
+        torch._dynamo.reset()  # a fresh cache: the same code object is compiled for every group
+
+        def ref(t):
+            return R.stochastic_pool2d(t, (k, k), (s, s), (0, 0), False, mode, training)
+        fwd = torch.compile(ref)
     elif impl == "max_pool2d":
         def fwd(t):
             return F.max_pool2d(t, k, s)
@@ -156,8 +164,12 @@ def _fn(impl, x, k, s, mode, pass_):
 NOSYNC = "fastnn[no-sync-check]"  # FASTNN_STOCHASTIC_POOL_CHECK=nan: no per-call host sync (CUDA)
 
 
-def _impls(device, mode, pass_, shape):
+def _impls(device, mode, pass_, shape, full):
     impls = ["fastnn", "reference", "max_pool2d"]
+    # torch.compile of the reference: a few seconds of compiling per group, so by default only on
+    # the CPU's training forward+backward groups (the CPU target), everywhere with --fastnn-full
+    if full or (not str(device).startswith("cuda") and pass_ == "train fwd+bwd"):
+        impls.append("compile")
     # activation mode on CUDA syncs once per call for its negative-input check: time it without too
     if str(device).startswith("cuda") and mode == "activation":
         impls.append(NOSYNC)
@@ -180,7 +192,7 @@ def pytest_generate_tests(metafunc):
         cases = _cases(device, full)
         if device == "cpu":  # the tutorial loop's group (softmax training forward, k=2 s=2)
             cases.append(((8, 128, 56, 56), torch.float32, "nchw", "softmax", 2, 2, "train fwd"))
-        params = [(c, impl) for c in dict.fromkeys(cases) for impl in _impls(device, c[3], c[6], c[0])]
+        params = [(c, impl) for c in dict.fromkeys(cases) for impl in _impls(device, c[3], c[6], c[0], full)]
         metafunc.parametrize("case,impl", params, ids=[f"{_ids(c)}-{i}" for c, i in params])
 
 

@@ -243,7 +243,8 @@ void backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Ten
   at::Tensor acc = overlap && lowp
                        ? at::empty_strided(grad_in.sizes(), grad_in.strides(), grad_in.options().dtype(at::kFloat))
                        : grad_in;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "stochastic_pool2d_backward_cpu", [&] {
+  const auto dtype = grad_out.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "stochastic_pool2d_backward_cpu", [&] {
     auto run = [&](auto gacc) {
       using gacc_t = decltype(gacc);
       if (training) {

@@ -119,7 +119,8 @@ bool forward_cuda(const at::Tensor& x, at::Tensor& out, at::Tensor& offsets, con
   }
   at::PhiloxCudaState rng;
   if (training) {
-    auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(generator, at::cuda::detail::getDefaultCUDAGenerator());
+    auto* gen =
+        at::get_generator_or_default<at::CUDAGeneratorImpl>(generator, at::cuda::detail::getDefaultCUDAGenerator());
     std::lock_guard<std::mutex> lock(gen->mutex_);
     rng = gen->philox_cuda_state(kPhiloxIncrement);
   }
