@@ -57,7 +57,8 @@ def stochastic_pool2d(input, kernel_size, stride, padding, ceil_mode=False, mode
     Samples come from torch.rand(generator=...), so they differ from the kernels' Philox draws."""
     if mode not in ("activation", "softmax"):
         raise ValueError(f"mode must be 'activation' or 'softmax', got {mode!r}")
-    if mode == "activation" and bool((input < 0).any()):
+    compiling = torch.compiler.is_compiling()
+    if mode == "activation" and not compiling and bool((input < 0).any()):
         raise ValueError("fastnn.stochastic_pool2d: mode='activation' samples with p_i = a_i / sum(a) and needs "
                          "input >= 0, but the input has negative values; apply a ReLU first (e.g. F.relu(x)) or "
                          "use mode='softmax'")
@@ -87,6 +88,8 @@ def stochastic_pool2d(input, kernel_size, stride, padding, ceil_mode=False, mode
         idx = torch.where(total > 0, idx, first_valid)
         out = torch.gather(cols, 2, idx)
         out = torch.where(torch.isnan(total), torch.full_like(out, float("nan")), out)  # as the kernels
+    if mode == "activation" and compiling:  # no data-dependent raise in a graph: NaN, as the kernels
+        out = torch.where((cols < 0).any(2, keepdim=True), torch.full_like(out, float("nan")), out)
     out = out.to(input.dtype).view(n, c, oh, ow)
     if input.dim() == 4 and input.stride(1) < input.stride(3):
         out = out.contiguous(memory_format=torch.channels_last)

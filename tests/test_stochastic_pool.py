@@ -596,6 +596,18 @@ def test_torch_compile_fullgraph(mode):
     assert fastnn.backends.last_choice("stochastic_pool2d")[0] == "cpu"
 
 
+def test_reference_compiles_fullgraph():
+    """The pure-PyTorch fallback also compiles in one graph (negative inputs give NaN there)."""
+    torch._dynamo.reset()
+    f = torch.compile(lambda t: stochastic_pool2d(t, 3, 2, 1, True, training=False, backend="reference"),
+                      fullgraph=True, backend="aot_eager")
+    x = torch.rand(2, 3, 9, 8)
+    torch.testing.assert_close(f(x), naive_eval(x, 3, 2, 1, True, "activation").float(), rtol=1e-5, atol=1e-6)
+    x[0, 1, 3, 3] = -1.0  # in the windows (1..2, 1..2)
+    out = f(x)
+    assert bool(torch.isnan(out[0, 1, 1:3, 1:3]).all()) and int(torch.isnan(out).sum()) == 4
+
+
 # ------------------------------------------------------------------------------------ module / backends
 @needs_op
 def test_module_and_backend_choice():
