@@ -213,6 +213,8 @@ def test_stochastic_pool(benchmark, device, case, impl, monkeypatch):
     out_numel = shape[0] * shape[1] * oh * ow
     flops = out_numel * k * k * (3 if mode == "activation" else 5)
     label = pass_ if (mode == "activation" and layout == "nchw") else f"{pass_} {mode} {layout}"
+    # the tutorial loop takes ~0.1-0.5 s a call here: 3 rounds, no warmup, keep the run short
+    slow = dict(rounds=3, warmup=0) if impl == "tutorial_loop" else {}
     run_benchmark(benchmark, fn, device=device, op=OP, shape=(*shape, f"k{k}s{s}"), dtype=dtype, pass_=label,
                   impl=impl, bytes_moved=_bytes(x, out_numel, pass_), flops=flops,
-                  peak_memory=peak_memory_of(fn, device))
+                  peak_memory=peak_memory_of(fn, device), **slow)
