@@ -1,2 +1,3 @@
 """Drop-in torch.nn modules backed by fastnn's kernels."""
 from fastnn.nn.attention import MultiheadAttention  # noqa: F401
+from fastnn.nn.stochastic_pool import StochasticPool2d  # noqa: F401
