@@ -15,3 +15,4 @@ from fastnn import reference  # noqa: F401
 from fastnn import functional  # noqa: F401
 from fastnn import nn  # noqa: F401
 from fastnn.info import info  # noqa: F401
+from fastnn.ops.flash_attention import patch_sdpa, unpatch_sdpa  # noqa: F401

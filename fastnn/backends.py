@@ -76,9 +76,14 @@ def ops() -> Dict[str, OpInfo]:
     return dict(_OPS)
 
 
+# Looked up once (cheap, does not import triton): Dynamo in torch 2.11 refuses to trace
+# importlib.util.find_spec, and select() runs inside torch.compile'd code.
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> Optional[str]:
     """None if triton can be imported, else the reason."""
-    if importlib.util.find_spec("triton") is None:
+    if not _TRITON_FOUND:
         return "triton missing (pip install triton)"
     return None
 
@@ -190,7 +195,8 @@ def select(op: str, device, backend: Optional[str] = None, why_not: Optional[Why
         if backend not in info.backends:
             raise RuntimeError(f"fastnn.{op}: backend {backend!r} (from {source}) is not implemented for this op; "
                                f"it has {info.backends}. Name the op, e.g. FASTNN_BACKEND='{op}=reference'.")
-        reason = unavailable(backend, device) or (why_not(backend) if why_not else None)
+        # `is not None`, not truthiness: Dynamo (torch 2.11) cannot branch on a closure's truth value
+        reason = unavailable(backend, device) or (why_not(backend) if why_not is not None else None)
         if reason:
             raise RuntimeError(f"fastnn.{op}: backend {backend!r} was requested (from {source}) but cannot run "
                                f"this call: {reason}")
@@ -199,7 +205,7 @@ def select(op: str, device, backend: Optional[str] = None, why_not: Optional[Why
     order = info.order.get(dev, ("reference",))
     skipped = []
     for b in order:
-        reason = unavailable(b, device) or (why_not(b) if why_not and b != "reference" else None)
+        reason = unavailable(b, device) or (why_not(b) if why_not is not None and b != "reference" else None)
         if reason is None:
             if b == "reference" and skipped:
                 warn_once(op, f"falling back to the PyTorch reference because {'; '.join(skipped)}")

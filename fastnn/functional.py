@@ -1,2 +1,4 @@
 """The functional API of every op (re-exported from fastnn.ops.<op>)."""
+from fastnn.ops.flash_attention import flash_attn_func, scaled_dot_product_attention  # noqa: F401
+from fastnn.ops.stochastic_pool import stochastic_pool2d  # noqa: F401
 from fastnn.ops.cbam import cbam, cbam_channel_pool, cbam_spatial_pool  # noqa: F401

@@ -11,6 +11,66 @@ import torch.nn.functional as F  # noqa: F401
 
 
 # ---------------------------------------------------------------- flash_attention
+import math  # noqa: E402
+
+# torch's own SDPA, kept even while fastnn.patch_sdpa() routes F.scaled_dot_product_attention to fastnn
+torch_sdpa = F.scaled_dot_product_attention
+
+
+def attention_math(q, k, v, *, scale=None, causal=False, causal_shift=0, attn_mask=None, keep=None, dropout_p=0.0):
+    """softmax(q k^T * scale [+ mask]) [* keep / (1 - p)] v, materialized, in the inputs' dtype
+    (pass float32/float64 for a reference). Layout (B, H, S, D); GQA by repeating k/v heads.
+
+    causal: key j is visible to query i iff j <= i + causal_shift (0: top-left, Sk - Sq: bottom-right).
+    attn_mask: bool (True = visible) or additive float, broadcastable to (B, H, Sq, Sk).
+    keep: bool dropout keep-mask (B, H, Sq, Sk). Rows with no visible key give 0 and lse -inf.
+    Returns (out (B, H, Sq, Dv), lse (B, H, Sq))."""
+    h, hkv = q.shape[-3], k.shape[-3]
+    if h != hkv:
+        k = k.repeat_interleave(h // hkv, dim=-3)
+        v = v.repeat_interleave(h // hkv, dim=-3)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    s = torch.matmul(q, k.transpose(-2, -1)) * scale
+    if attn_mask is not None:
+        s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask
+    if causal:
+        sq, sk = q.shape[-2], k.shape[-2]
+        i = torch.arange(sq, device=q.device)[:, None]
+        j = torch.arange(sk, device=q.device)[None, :]
+        s = s.masked_fill(j > i + causal_shift, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    empty = torch.isneginf(lse)[..., None]
+    p = torch.where(empty, torch.zeros_like(s), torch.exp(s - lse[..., None]))
+    if keep is not None:
+        p = p * keep.to(p.dtype) / (1.0 - dropout_p)
+    return torch.matmul(p, v), lse
+
+
+def flash_attention(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, return_lse=False):
+    """flash_attn_func's semantics in (B, S, H, D) layout: bottom-right causal, GQA, optional lse.
+
+    Runs torch's SDPA (its CPU flash kernel) when it can; the log-sum-exp and the rows a
+    bottom-right mask leaves empty take the materialized path. Dropout uses torch's RNG."""
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    sq, sk = q.shape[1], k.shape[1]
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
+    if return_lse or (causal and sq > sk):
+        keep = None
+        if dropout_p > 0.0:
+            keep = torch.rand(q.shape[0], q.shape[2], sq, sk, device=q.device) >= dropout_p
+        out, lse = attention_math(qt, kt, vt, scale=scale, causal=causal, causal_shift=sk - sq, keep=keep,
+                                  dropout_p=dropout_p)
+        out = out.transpose(1, 2).to(q.dtype)
+        return (out, lse.float()) if return_lse else out
+    mask = None
+    if causal and sq != sk:  # bottom-right: an explicit mask (top-left, torch's is_causal, when sq == sk)
+        mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(sk - sq)
+    kw = {"enable_gqa": True} if q.shape[2] != k.shape[2] else {}
+    out = torch_sdpa(qt, kt, vt, attn_mask=mask, dropout_p=dropout_p, scale=scale,
+                     is_causal=causal and sq == sk, **kw)
+    return out.transpose(1, 2)
+
 
 
 # ---------------------------------------------------------------- cbam
@@ -74,6 +134,83 @@ def cbam(x, mlp_weight1, mlp_weight2, conv_weight, *, mlp_bias1=None, mlp_bias2=
 
 
 # ---------------------------------------------------------------- stochastic_pool
+
+
+def stochastic_pool_output_size(size, kernel, stride, padding, ceil_mode):
+    """Output length of one spatial dim, as nn.MaxPool2d (dilation 1); < 1 means no valid window."""
+    num = size + 2 * padding - kernel + (stride - 1 if ceil_mode else 0)
+    out = num // stride + 1  # floor division, like ATen's div_rtn
+    if ceil_mode and (out - 1) * stride >= size + padding:
+        out -= 1  # the last window must start inside the input or the left padding
+    return out
+
+
+def _stochastic_pool_windows(input, kernel_size, stride, padding, ceil_mode):
+    """Unfolded windows (N, C, kh*kw, L), their in-bounds mask (1, 1, kh*kw, L) and (OH, OW).
+
+    Padded positions read 0 and are masked out. Bottom/right are padded (or cropped) so that the
+    ceil_mode windows exist."""
+    n, c, h, w = input.shape
+    (kh, kw), (sh, sw), (ph, pw) = kernel_size, stride, padding
+    oh = stochastic_pool_output_size(h, kh, sh, ph, ceil_mode)
+    ow = stochastic_pool_output_size(w, kw, sw, pw, ceil_mode)
+    hp, wp = (oh - 1) * sh + kh, (ow - 1) * sw + kw  # extent the windows cover, padding included
+    pads = (pw, wp - w - pw, ph, hp - h - ph)  # F.pad crops where an entry is negative
+    x = F.pad(input, pads)
+    ones = F.pad(torch.ones(1, 1, h, w, dtype=input.dtype, device=input.device), pads)
+    cols = F.unfold(x, (kh, kw), stride=(sh, sw)).view(n, c, kh * kw, oh * ow)
+    mask = F.unfold(ones, (kh, kw), stride=(sh, sw)).view(1, 1, kh * kw, oh * ow) > 0
+    return cols, mask, oh, ow
+
+
+def stochastic_pool2d(input, kernel_size, stride, padding, ceil_mode=False, mode="activation", training=True,
+                      generator=None):
+    """Stochastic pooling (Zeiler & Fergus 2013), unfold-based and vectorised.
+
+    kernel_size, stride, padding: pairs. mode='activation': p_i = a_i / sum(a) (input >= 0);
+    mode='softmax': p = softmax(a) over the window. Training returns one sampled element per
+    window (the gradient flows to it alone); eval returns sum(p_i * a_i). An all-zero window gives
+    0 (training takes its first in-bounds element, which is 0). Padded positions have p = 0.
+    Samples come from torch.rand(generator=...), so they differ from the kernels' Philox draws."""
+    if mode not in ("activation", "softmax"):
+        raise ValueError(f"mode must be 'activation' or 'softmax', got {mode!r}")
+    compiling = torch.compiler.is_compiling()
+    if mode == "activation" and not compiling and bool((input < 0).any()):
+        raise ValueError("fastnn.stochastic_pool2d: mode='activation' samples with p_i = a_i / sum(a) and needs "
+                         "input >= 0, but the input has negative values; apply a ReLU first (e.g. F.relu(x)) or "
+                         "use mode='softmax'")
+    n, c = input.shape[:2]
+    cols, mask, oh, ow = _stochastic_pool_windows(input, kernel_size, stride, padding, ceil_mode)
+    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    a = cols.to(acc)
+    if mode == "activation":
+        weights = a  # padded entries are 0
+        total = weights.sum(2, keepdim=True)
+        if not training:
+            s2 = (a * a).sum(2, keepdim=True)
+            safe = torch.where(total > 0, total, torch.ones_like(total))
+            out = torch.where(total > 0, s2 / safe, torch.zeros_like(total))
+    else:
+        p = torch.softmax(a.masked_fill(~mask, float("-inf")), dim=2)
+        if not training:
+            out = (p * a).sum(2, keepdim=True)  # padded a is 0, so no 0 * inf
+        weights, total = p, None
+    if training:
+        # Inverse-CDF draw in float64: u * total < total, so a zero-weight entry is never picked.
+        cdf = weights.detach().double().cumsum(2)
+        total = cdf[:, :, -1:]
+        u = torch.rand(total.shape, generator=generator, device=input.device, dtype=torch.float32).double()
+        idx = (cdf <= u * total).sum(2, keepdim=True)
+        first_valid = mask.to(torch.uint8).argmax(2, keepdim=True).expand_as(idx)
+        idx = torch.where(total > 0, idx, first_valid)
+        out = torch.gather(cols, 2, idx)
+        out = torch.where(torch.isnan(total), torch.full_like(out, float("nan")), out)  # as the kernels
+    if mode == "activation" and compiling:  # no data-dependent raise in a graph: NaN, as the kernels
+        out = torch.where((cols < 0).any(2, keepdim=True), torch.full_like(out, float("nan")), out)
+    out = out.to(input.dtype).view(n, c, oh, ow)
+    if input.dim() == 4 and input.stride(1) < input.stride(3):
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out
 
 
 # ---------------------------------------------------------------- drop_block

@@ -1,2 +1,4 @@
 """Drop-in torch.nn modules backed by fastnn's kernels."""
+from fastnn.nn.attention import MultiheadAttention  # noqa: F401
+from fastnn.nn.stochastic_pool import StochasticPool2d  # noqa: F401
 from fastnn.nn.cbam import CBAM, ChannelAttention, SpatialAttention  # noqa: F401
