@@ -1,1 +1,2 @@
 """Drop-in torch.nn modules backed by fastnn's kernels."""
+from fastnn.nn.conv_bn_relu import ConvBN2d, ConvBNReLU2d, convert_sync_batchnorm, remap_sequential_state_dict  # noqa: F401
