@@ -105,16 +105,11 @@ Tensor new_like(const Tensor& x) {
   return at::empty_like(x, at::MemoryFormat::Preserve);
 }
 
-// grad_weight = sum_dz_xmu * invstd, in the weight's dtype (computed on the CPU here, or by ATen on CUDA).
-Tensor weight_grad(const Params& p, const Tensor& sum_dz_xmu, const OptTensor& weight) {
-  Tensor gw = sum_dz_xmu * at::rsqrt(p.var + p.eps);
-  if (weight.has_value() && weight->defined()) gw = gw.to(weight->scalar_type());
-  return gw;
-}
-
-Tensor bias_grad(const Tensor& sum_dz, const OptTensor& bias) {
-  if (bias.has_value() && bias->defined()) return sum_dz.to(bias->scalar_type(), /*non_blocking=*/false, /*copy=*/true);
-  return sum_dz.clone();
+Tensor to_dtype_of(const Tensor& g, const OptTensor& param) {
+  if (param.has_value() && param->defined() && param->scalar_type() != g.scalar_type()) {
+    return g.to(param->scalar_type());
+  }
+  return g;
 }
 
 void check_grad(const Tensor& grad_out, const Tensor& input) {
@@ -251,21 +246,22 @@ std::tuple<Tensor, Tensor, Tensor> bn_relu_backward(const Tensor& grad_out, cons
   const Geometry g = geometry_of(x);
   const Params p = make_params(x, mean.contiguous(), var.contiguous(), weight, bias, eps, relu);
   Tensor dx = new_like(x);
-  Tensor sum_dz = new_stat(x), sum_dz_xmu = new_stat(x);
+  Tensor sum_dz = new_stat(x), sum_dz_xmu = new_stat(x), grad_weight = new_stat(x);
   if (x.numel() == 0) {
     sum_dz.zero_();
-    sum_dz_xmu.zero_();
+    grad_weight.zero_();
   } else {
 #ifdef FASTNN_WITH_CUDA
     if (x.is_cuda()) {
-      backward_cuda(dy, x, g, p, dx, sum_dz, sum_dz_xmu);
+      backward_cuda(dy, x, g, p, dx, sum_dz, sum_dz_xmu, grad_weight);
     } else
 #endif
     {
-      backward_cpu(dy, x, g, p, dx, sum_dz, sum_dz_xmu);
+      backward_cpu(dy, x, g, p, dx, sum_dz, sum_dz_xmu, grad_weight);
     }
   }
-  return {dx, weight_grad(p, sum_dz_xmu, weight), bias_grad(sum_dz, bias)};
+  // sum_dz is grad_bias: fresh tensors, returned as they are unless the parameters have another dtype
+  return {dx, to_dtype_of(grad_weight, weight), to_dtype_of(sum_dz, bias)};
 }
 
 }  // namespace

@@ -493,7 +493,8 @@ void backward_elemt_cpu(const at::Tensor& dy, const at::Tensor& x, const Geometr
 }
 
 void backward_cpu(const at::Tensor& dy, const at::Tensor& x, const Geometry& g, const Params& p,
-                  const at::Tensor& dx, const at::Tensor& sum_dz, const at::Tensor& sum_dz_xmu) {
+                  const at::Tensor& dx, const at::Tensor& sum_dz, const at::Tensor& sum_dz_xmu,
+                  const at::Tensor& grad_weight) {
   CBR_DISPATCH(x, "fastnn::bn_relu_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* gp = dy.const_data_ptr<scalar_t>();
@@ -504,6 +505,10 @@ void backward_cpu(const at::Tensor& dy, const at::Tensor& x, const Geometry& g, 
     } else {
       backward_impl<false, scalar_t, acc_t>(gp, xp, dp, g, p, sum_dz.data_ptr<acc_t>(), sum_dz_xmu.data_ptr<acc_t>());
     }
+    const acc_t* var = p.var.const_data_ptr<acc_t>();
+    const acc_t* s2 = sum_dz_xmu.const_data_ptr<acc_t>();
+    acc_t* gw = grad_weight.data_ptr<acc_t>();
+    for (int64_t c = 0; c < g.C; ++c) gw[c] = s2[c] * bn_invstd(var[c], static_cast<acc_t>(p.eps));
   });
 }
 

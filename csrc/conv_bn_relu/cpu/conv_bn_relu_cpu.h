@@ -20,9 +20,11 @@ void backward_reduce_cpu(const at::Tensor& dy, const at::Tensor& x, const Geomet
 void backward_elemt_cpu(const at::Tensor& dy, const at::Tensor& x, const Geometry& g, const Params& p,
                         const at::Tensor& sum_dz, const at::Tensor& sum_dz_xmu, double inv_count,
                         const at::Tensor& dx);
-// backward_reduce_cpu then backward_elemt_cpu with inv_count = 1 / (N*S), fused per channel (NCHW).
+// backward_reduce_cpu then backward_elemt_cpu with inv_count = 1 / (N*S), fused per channel (NCHW);
+// also grad_weight = sum_dz_xmu / sqrt(var + eps).
 void backward_cpu(const at::Tensor& dy, const at::Tensor& x, const Geometry& g, const Params& p,
-                  const at::Tensor& dx, const at::Tensor& sum_dz, const at::Tensor& sum_dz_xmu);
+                  const at::Tensor& dx, const at::Tensor& sum_dz, const at::Tensor& sum_dz_xmu,
+                   const at::Tensor& grad_weight);
 
 }  // namespace cbr
 }  // namespace fastnn

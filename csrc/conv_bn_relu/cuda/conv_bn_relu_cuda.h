@@ -14,7 +14,8 @@ void backward_elemt_cuda(const at::Tensor& dy, const at::Tensor& x, const Geomet
                          const at::Tensor& sum_dz, const at::Tensor& sum_dz_xmu, double inv_count,
                          const at::Tensor& dx);
 void backward_cuda(const at::Tensor& dy, const at::Tensor& x, const Geometry& g, const Params& p,
-                   const at::Tensor& dx, const at::Tensor& sum_dz, const at::Tensor& sum_dz_xmu);
+                   const at::Tensor& dx, const at::Tensor& sum_dz, const at::Tensor& sum_dz_xmu,
+                   const at::Tensor& grad_weight);
 
 }  // namespace cbr
 }  // namespace fastnn
