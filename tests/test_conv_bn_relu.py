@@ -361,9 +361,12 @@ OP_SHAPES = [(3, 5, 7, 9), (2, 16, 4, 4), (4, 3, 1, 1), (5, 7), (2, 4, 3, 5, 2),
 @pytest.mark.parametrize("shape", OP_SHAPES, ids=str)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "noncontig"])
 @pytest.mark.parametrize("relu", [True, False])
-def test_ops_float64_against_reference(shape, layout, relu):
+@pytest.mark.parametrize("isa", ["auto", "generic"])
+def test_ops_float64_against_reference(shape, layout, relu, isa, monkeypatch):
     if layout == "channels_last" and len(shape) != 4:
         pytest.skip("channels_last is 4-D")
+    if isa == "generic":  # the baseline (SSE2) copy of the CPU kernels instead of the AVX2 one
+        monkeypatch.setenv("FASTNN_CPU_ISA", "generic")
     dt = torch.float64
     x, w, b = _op_inputs(shape, layout, dt, affine=(shape[1] != 7), seed_shift=3.0)
     eps = 1e-5
@@ -399,6 +402,32 @@ def test_ops_float32_large_mean(layout):
     rmean, rvar = reference.bn_relu_stats(x)
     close(mean, rmean, "mean", 1e-7, 1e-5)
     close(var, rvar, "var", 1e-3, 1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("isa", ["auto", "generic"])
+def test_ops_low_precision_cpu(dtype, layout, isa, monkeypatch):
+    """fp16/bf16 activations with float32 statistics: at most 2x PyTorch's own same-dtype error."""
+    if isa == "generic":
+        monkeypatch.setenv("FASTNN_CPU_ISA", "generic")
+    x32, w, b = _op_inputs((4, 24, 9, 11), layout, seed_shift=1.0)
+    g32 = torch.randn_like(x32)
+    x, g = x32.to(dtype), g32.to(dtype)
+    xr = x.float().requires_grad_()  # fp32 reference on the same (rounded) input
+    wr, br = w.clone().requires_grad_(), b.clone().requires_grad_()
+    yr = F.relu(F.batch_norm(xr, None, None, wr, br, True))
+    yr.backward(g.float())
+    xl, wl, bl = x.clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_()
+    yl = F.relu(F.batch_norm(xl, None, None, wl, bl, True))  # PyTorch in the same dtype
+    yl.backward(g)
+    y, mean, var = OPS.bn_relu_train(x, w, b, 1e-5, True)
+    assert y.dtype == dtype and mean.dtype == torch.float32
+    dx, gw, gb = OPS.bn_relu_backward(g, x, mean, var, w, b, 1e-5, True)
+    assert_lowp_close(y, yr, yl, what="output")
+    assert_lowp_close(dx, xr.grad, xl.grad, what="grad_input")
+    assert_lowp_close(gw, wr.grad, wl.grad, what="grad_weight")
+    assert_lowp_close(gb, br.grad, bl.grad, what="grad_bias")
 
 
 def test_gradcheck_float64():
