@@ -212,3 +212,26 @@ def test_bn_relu_train(benchmark, device, full_sweep, shape, layout, impl):
     run_benchmark(benchmark, fn, device=device, op="bn_relu", shape=(n, c, hw, hw, layout), dtype=torch.float32,
                   pass_="fwd+bwd", impl=impl, bytes_moved=x.numel() * 4 * 8, flops=0,
                   peak_memory=peak_memory_of(fn, device), warmup=2, rounds=None if device == "cuda" else 10)
+
+
+@pytest.mark.parametrize("epilogue", ["mkldnn", "aten"])
+def test_cpu_eval_epilogue(benchmark, device, epilogue, monkeypatch):
+    """How the CPU runs the folded conv + bias + ReLU in eval: oneDNN's conv with a ReLU post-op, or
+    F.conv2d and an in-place ReLU (fastnn.ops.conv_bn_relu.CPU_EVAL_IMPL picks the faster one here)."""
+    if device != "cpu":
+        pytest.skip("CPU only")
+    from fastnn.ops import conv_bn_relu as ops
+    monkeypatch.setattr(ops, "CPU_EVAL_IMPL", epilogue)
+    ref, m, x, g = _build(8, 128, 28, "float32", False, device)
+    ref.eval()
+    m.eval()
+    with torch.no_grad():
+        assert _rel_err(m(x), ref(x)) < 1e-5
+
+    def fn():
+        with torch.no_grad():
+            return m(x)
+
+    run_benchmark(benchmark, fn, device=device, op="conv_bn_relu eval epilogue", shape=(8, 128, 28, 28, "nchw"),
+                  dtype=torch.float32, pass_="eval", impl=f"fastnn-{epilogue}", bytes_moved=x.numel() * 8,
+                  flops=2 * 8 * 128 * 128 * 9 * 28 * 28, warmup=2, rounds=8)

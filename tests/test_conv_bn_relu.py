@@ -12,7 +12,7 @@ import fastnn
 from fastnn import reference
 from fastnn.nn import ConvBN2d, ConvBNReLU2d, convert_sync_batchnorm, remap_sequential_state_dict
 from fastnn.ops import conv_bn_relu as cbr_ops
-from helpers import DEVICES, HAS_CUDA, assert_lowp_close, noncontig
+from helpers import assert_lowp_close, noncontig
 
 pytestmark = pytest.mark.skipif(not cbr_ops.HAVE_OPS, reason="fastnn extension not built")
 
@@ -112,6 +112,19 @@ def test_train_matches_sequential(case, channels_last):
 def test_train_float64_tight(channels_last):
     ref, m = make_pair(dtype=torch.float64)
     train_steps(ref, m, (3, 6, 9, 8), channels_last=channels_last, dtype=torch.float64)
+
+
+def test_train_noncontiguous_input():
+    ref, m = make_pair()
+    x = noncontig(torch.randn(3, 6, 9, 7))
+    xr, xm = x.detach().clone().requires_grad_(), noncontig(x.detach()).requires_grad_()
+    yr, ym = ref(xr), m(xm)
+    close(ym, yr, "output")
+    g = noncontig(torch.randn_like(yr))  # a non-contiguous incoming gradient too
+    yr.backward(g)
+    ym.backward(g)
+    close(xm.grad, xr.grad, "input grad")
+    close(m.bn.weight.grad, ref[1].weight.grad, "bn weight grad", 1e-4, 1e-4)
 
 
 def test_track_running_stats_false():

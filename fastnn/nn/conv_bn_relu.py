@@ -132,7 +132,8 @@ class _ConvBNBase(nn.Module):
         c = self.conv
         if _ops._backend(input, self.backend) == "reference":
             return self._reference_forward(input)
-        needs_grad = torch.is_grad_enabled() and (input.requires_grad or any(p.requires_grad for p in self.parameters()))
+        needs_grad = torch.is_grad_enabled() and (input.requires_grad or
+                                                  any(p.requires_grad for p in self.parameters()))
         w, bias = self._folded(differentiable=needs_grad)
         padding = c.padding
         if c.padding_mode != "zeros":

@@ -16,7 +16,7 @@ Ops registered here (schemas in csrc/conv_bn_relu/conv_bn_relu.cpp):
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -226,9 +226,11 @@ def _backend(x: Tensor, backend: Optional[str]) -> str:
 
 @torch.no_grad()
 def _update_running(running_mean, running_var, mean, var, count, momentum):
-    """PyTorch's update: r = (1 - m) * r + m * batch, with the unbiased variance for running_var."""
-    running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-    running_var.mul_(1.0 - momentum).add_(var.to(running_var.dtype), alpha=momentum * count / (count - 1))
+    """PyTorch's update r = (1 - m) * r + m * batch (as r + m * (batch - r)), with the unbiased batch
+    variance for running_var. One foreach kernel for both buffers (fewer launches on CUDA)."""
+    unbiased = var * (count / (count - 1))
+    torch._foreach_lerp_([running_mean, running_var],
+                         [mean.to(running_mean.dtype), unbiased.to(running_var.dtype)], float(momentum))
 
 
 def batch_norm_relu(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
