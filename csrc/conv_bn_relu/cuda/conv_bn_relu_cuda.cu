@@ -240,7 +240,8 @@ __device__ __forceinline__ FwdCoef<acc_t> coef_at(const ChannelPtrs& p, int64_t 
 
 template <typename scalar_t, typename acc_t, int VEC, bool RELU>
 __global__ void __launch_bounds__(kThreads) apply_nchw_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y,
-                                                              int64_t N, int64_t C, int64_t S, ChannelPtrs p, acc_t eps) {
+                                                              int64_t N, int64_t C, int64_t S, ChannelPtrs p,
+                                                              acc_t eps) {
   const int64_t c = blockIdx.x;
   const FwdCoef<acc_t> k = coef_at<acc_t>(p, c, eps);
   for_channel<VEC>(N, C, S, c, static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x,
@@ -268,7 +269,9 @@ __global__ void __launch_bounds__(kThreads) apply_nhwc_kernel(const scalar_t* __
     const Vec<scalar_t, VEC> v = load_vec<scalar_t, VEC>(x + r * C + c0);
     Vec<scalar_t, VEC> o;
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) o.v[j] = static_cast<scalar_t>(relu_if(bn_pre(static_cast<acc_t>(v.v[j]), k[j]), RELU));
+    for (int j = 0; j < VEC; ++j) {
+      o.v[j] = static_cast<scalar_t>(relu_if(bn_pre(static_cast<acc_t>(v.v[j]), k[j]), RELU));
+    }
     store_vec<scalar_t, VEC>(y + r * C + c0, o);
   }
 }
@@ -371,9 +374,10 @@ __device__ __forceinline__ BwdCoef<acc_t> bcoef_at(const ChannelPtrs& p, const S
 }
 
 template <typename scalar_t, typename acc_t, int VEC, bool RELU>
-__global__ void __launch_bounds__(kThreads) dx_nchw_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
-                                                           scalar_t* __restrict__ dx, int64_t N, int64_t C, int64_t S,
-                                                           ChannelPtrs p, SumPtrs q, acc_t eps, acc_t inv_count) {
+__global__ void __launch_bounds__(kThreads) dx_nchw_kernel(const scalar_t* __restrict__ dy,
+                                                           const scalar_t* __restrict__ x, scalar_t* __restrict__ dx,
+                                                           int64_t N, int64_t C, int64_t S, ChannelPtrs p, SumPtrs q,
+                                                           acc_t eps, acc_t inv_count) {
   const int64_t c = blockIdx.x;
   const FwdCoef<acc_t> k = coef_at<acc_t>(p, c, eps);
   const BwdCoef<acc_t> b = bcoef_at<acc_t>(p, q, c, eps, inv_count);
@@ -393,9 +397,10 @@ __global__ void __launch_bounds__(kThreads) dx_nchw_kernel(const scalar_t* __res
 }
 
 template <typename scalar_t, typename acc_t, int VEC, bool RELU>
-__global__ void __launch_bounds__(kThreads) dx_nhwc_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
-                                                           scalar_t* __restrict__ dx, int64_t M, int64_t C, ChannelPtrs p,
-                                                           SumPtrs q, acc_t eps, acc_t inv_count) {
+__global__ void __launch_bounds__(kThreads) dx_nhwc_kernel(const scalar_t* __restrict__ dy,
+                                                           const scalar_t* __restrict__ x, scalar_t* __restrict__ dx,
+                                                           int64_t M, int64_t C, ChannelPtrs p, SumPtrs q, acc_t eps,
+                                                           acc_t inv_count) {
   const int64_t c0 = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
   if (c0 >= C) return;
   FwdCoef<acc_t> k[VEC];
@@ -499,7 +504,7 @@ void launch_stats(const scalar_t* x, const Geometry& g, const at::Tensor& like, 
     stats_nchw_kernel<scalar_t, acc_t, VEC><<<L.grid, L.block, 0, stream>>>(x, g.N, g.C, g.S, partial);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  stats_finalize_kernel<acc_t><<<ceil_div(g.C, kThreads), kThreads, 0, stream>>>(partial, L.nsplit, g.C, mean, var);
+  stats_finalize_kernel<acc_t><<<static_cast<unsigned>(ceil_div(g.C, kThreads)), kThreads, 0, stream>>>(partial, L.nsplit, g.C, mean, var);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -535,7 +540,7 @@ void launch_grad_sums(const scalar_t* dy, const scalar_t* x, const Geometry& g, 
                                                                                    partial);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  grad_finalize_kernel<acc_t><<<ceil_div(g.C, kThreads), kThreads, 0, stream>>>(
+  grad_finalize_kernel<acc_t><<<static_cast<unsigned>(ceil_div(g.C, kThreads)), kThreads, 0, stream>>>(
       partial, L.nsplit, g.C, p.var.const_data_ptr<acc_t>(), eps, sum_dz, sum_dz_xmu, grad_weight);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -602,7 +607,9 @@ void apply_cuda(const at::Tensor& x, const Geometry& g, const Params& p, const a
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
     with_vec<scalar_t>(pick_vec<scalar_t>(g, xp, yp), [&](auto V) {
-      with_relu(p.relu, [&](auto R) { launch_apply<scalar_t, acc_t, decltype(V)::value, decltype(R)::value>(xp, yp, g, p); });
+      with_relu(p.relu, [&](auto R) {
+        launch_apply<scalar_t, acc_t, decltype(V)::value, decltype(R)::value>(xp, yp, g, p);
+      });
     });
   });
 }
