@@ -366,9 +366,15 @@ def _as_list2(v, name) -> list:
 
 
 def _mkldnn_pointwise_ok(x: Tensor, w: Tensor) -> bool:
-    return (CPU_EVAL_IMPL == "mkldnn" and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
-            and hasattr(torch.ops.mkldnn, "_convolution_pointwise") and x.dtype in (torch.float32, torch.bfloat16)
-            and w.dtype == x.dtype)
+    if not (CPU_EVAL_IMPL == "mkldnn" and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+            and hasattr(torch.ops.mkldnn, "_convolution_pointwise") and w.dtype == x.dtype):
+        return False
+    if x.dtype == torch.float32:
+        return True
+    if x.dtype == torch.bfloat16:  # oneDNN's bf16 convolution needs AVX-512 (BF16) on this CPU
+        check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+        return bool(check()) if check is not None else False
+    return False
 
 
 def conv2d_bias_relu(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride=1,
