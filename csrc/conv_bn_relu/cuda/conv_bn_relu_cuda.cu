@@ -504,7 +504,8 @@ void launch_stats(const scalar_t* x, const Geometry& g, const at::Tensor& like, 
     stats_nchw_kernel<scalar_t, acc_t, VEC><<<L.grid, L.block, 0, stream>>>(x, g.N, g.C, g.S, partial);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  stats_finalize_kernel<acc_t><<<static_cast<unsigned>(ceil_div(g.C, kThreads)), kThreads, 0, stream>>>(partial, L.nsplit, g.C, mean, var);
+  stats_finalize_kernel<acc_t><<<static_cast<unsigned>(ceil_div(g.C, kThreads)), kThreads, 0, stream>>>(
+      partial, L.nsplit, g.C, mean, var);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
