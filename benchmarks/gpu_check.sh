@@ -35,6 +35,9 @@ while [ $# -gt 0 ]; do
 done
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
+# CUDA tests in parallel processes when pytest-xdist is there (it is on the lent GPU machines)
+XDIST=()
+python3 -c "import xdist" 2>/dev/null && XDIST=(-n "${FASTNN_TEST_WORKERS:-6}")
 ROOT=$(pwd)
 PY=${PYTHON:-python}
 command -v "$PY" >/dev/null 2>&1 || PY=python3
@@ -126,7 +129,7 @@ if [ $SKIP_TESTS -eq 1 ]; then note "tests -m cuda" "skipped (--skip-tests)" 0
 elif [ $BUILD_OK -eq 0 ]; then note "tests -m cuda" "skipped: build failed" 0
 else
   if [ $SKIP_BENCH -eq 1 ]; then lim=$(( $(left) - RESERVE )); else lim=$(min "${FASTNN_TESTS_TIMEOUT:-240}" $(( $(left) - RESERVE - 150 ))); fi
-  run_step "tests -m cuda" "$lim" "$TESTS_LOG" "${PYP[@]}" -m pytest tests -m cuda -q -rfE -p no:cacheprovider
+  run_step "tests -m cuda" "$lim" "$TESTS_LOG" "${PYP[@]}" -m pytest tests -m cuda -q -rfE -p no:cacheprovider "${XDIST[@]}"
   TESTS_LINE=$(grep -E '(passed|failed|error|skipped|deselected|no tests ran)' "$TESTS_LOG" | tail -n 1)
 fi
 
