@@ -77,14 +77,15 @@ def drop_block_scale(numel: int, kept: int) -> torch.Tensor:
 def drop_block_from_seeds(x: torch.Tensor, seeds: torch.Tensor, block: Sequence[int], with_noise: bool = False,
                           scale_by_keep: bool = True, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
     """DropBlock of x given its seed mask. Kept units are scaled in float32 (float64 for float64 x)
-    and rounded once; with_noise puts `noise` (default N(0, 1)) into the dropped units, unscaled."""
+    and rounded once; with_noise puts `noise` (default N(0, 1) of the seeds' shape, so shared by
+    coupled channels) into the dropped units, unscaled."""
     plane = drop_block_dilate(seeds, block).to(torch.bool)  # (N, C or 1, *spatial), as timm's mask
     dropped = plane.expand(x.shape)
     keep = (~dropped).to(x.dtype)
     if with_noise:
         if noise is None:
-            noise = torch.randn_like(x)
-        return x * keep + noise * dropped.to(x.dtype)
+            noise = torch.randn(seeds.shape, dtype=x.dtype, device=x.device)
+        return x * keep + noise.expand(x.shape) * dropped.to(x.dtype)
     if not scale_by_keep:
         return x * keep
     s = drop_block_scale(plane.numel(), int((~plane).sum()))
@@ -105,6 +106,6 @@ def drop_block(x: torch.Tensor, drop_prob: float = 0.1, block_size: Union[int, S
     with torch.no_grad():
         seeds = drop_block_seeds(x, gamma, block, couple_channels, valid_only, generator)
         noise = None
-        if with_noise:
-            noise = torch.empty(x.shape, dtype=x.dtype, device=x.device).normal_(generator=generator)
+        if with_noise:  # timm draws it with the mask's shape: shared across coupled channels
+            noise = torch.empty(seeds.shape, dtype=x.dtype, device=x.device).normal_(generator=generator)
     return drop_block_from_seeds(x, seeds, block, with_noise, scale_by_keep, noise)

@@ -18,6 +18,7 @@ Forward = three launches:
      the counter on the device (no host sync). The backward is this kernel on the gradient.
 Launches 1-2 touch ~N/8 bytes each; launch 3 moves the tensor once in and once out.
 """
+import os
 from typing import NamedTuple, Sequence
 
 import torch
@@ -296,11 +297,22 @@ def _dilate_kernel(s_ptr, mask_ptr, stats_ptr, n_words, NW, NWS, NB, INNER, C, D
 
 
 @triton.jit
-def _apply_kernel(x_ptr, out_ptr, mask_ptr, stats_ptr, seed_ptr, OUTER, INNER, NB,
-                  SCALE: tl.constexpr, NOISE: tl.constexpr, IDX64: tl.constexpr,
-                  BO: tl.constexpr, BI: tl.constexpr):
+def _bf16_rne(y):
+    """float32 -> bfloat16, round to nearest even, with integer ops. Only used under
+    TRITON_INTERPRET, whose bfloat16 cast truncates; GPUs round to nearest even natively."""
+    u = y.to(tl.uint32, bitcast=True)
+    r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    r = tl.where(y != y, (u >> 16) | 0x40, r)  # NaN stays NaN (quiet)
+    return r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _apply_kernel(x_ptr, out_ptr, mask_ptr, stats_ptr, seed_ptr, OUTER, INNER, NB, CDH, DH,
+                  SCALE: tl.constexpr, NOISE: tl.constexpr, NOISE_SHARED: tl.constexpr, CHANNELS: tl.constexpr,
+                  RNE_BF16: tl.constexpr, IDX64: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr):
     # x, out: dense [OUTER, INNER] (out may be x). out = x * keep * scale; with NOISE,
-    # out = x * keep + N(0, 1) * (1 - keep), unscaled (timm's with_noise).
+    # out = x * keep + N(0, 1) * (1 - keep), unscaled (timm's with_noise). NOISE_SHARED: coupled
+    # channels share the noise (timm draws it with the mask's shape): keyed by (n, d, h, w).
     po = tl.program_id(0)
     pi = tl.program_id(1)
     if IDX64:
@@ -319,7 +331,14 @@ def _apply_kernel(x_ptr, out_ptr, mask_ptr, stats_ptr, seed_ptr, OUTER, INNER, N
         xf = x.to(tl.float32)
     if NOISE:
         seed = tl.load(seed_ptr)
-        z = tl.randn(seed ^ 0x5BD1E995, offs)
+        if NOISE_SHARED:
+            if CHANNELS:  # row o is the (n, d, h, w) unit
+                noffs = o[:, None] + i[None, :] * 0
+            else:  # row o = (n*C + c)*D*H + dh -> (n*D*H + dh)*W + i
+                noffs = ((o // CDH) * DH + o % DH)[:, None] * INNER + i[None, :]
+        else:
+            noffs = offs
+        z = tl.randn(seed ^ 0x5BD1E995, noffs)
         y = xf * keep.to(xf.dtype) + z.to(xf.dtype) * (1 - keep.to(xf.dtype))
     elif SCALE:
         dropped = tl.load(stats_ptr)
@@ -330,7 +349,10 @@ def _apply_kernel(x_ptr, out_ptr, mask_ptr, stats_ptr, seed_ptr, OUTER, INNER, N
         y = xf * tl.where(keep, s, 0.0).to(xf.dtype)
     else:
         y = xf * keep.to(xf.dtype)
-    tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=ok)
+    if RNE_BF16:
+        tl.store(out_ptr + offs, _bf16_rne(y), mask=ok)
+    else:
+        tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 def _idx64(*counts) -> bool:
@@ -383,8 +405,9 @@ def apply_mask(src: torch.Tensor, out: torch.Tensor, mask: torch.Tensor, stats: 
     if outer == 0 or inner == 0:
         return
     wrap_triton(_apply_kernel)[grid](
-        src, out, mask, stats, seed, outer, inner, g.nb, SCALE=scale and not noise, NOISE=noise,
-        IDX64=_idx64(src.numel() + _APPLY_ELEMS, outer * g.nb + _APPLY_ELEMS), BO=bo, BI=bi, num_warps=8)
+        src, out, mask, stats, seed, outer, inner, g.nb, g.C * g.D * g.H, g.D * g.H, SCALE=scale and not noise,
+        NOISE=noise, NOISE_SHARED=noise and g.couple, CHANNELS=g.channels_last,
+        RNE_BF16=out.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1", IDX64=_idx64(src.numel() + _APPLY_ELEMS, outer * g.nb + _APPLY_ELEMS), BO=bo, BI=bi, num_warps=8)
 
 
 def seeds_from_words(s: torch.Tensor, g: Geometry, ndim: int) -> torch.Tensor:
