@@ -1,9 +1,12 @@
-"""DropBlock benchmarks: fastnn vs timm's drop_block_2d, forward and forward+backward.
+"""DropBlock benchmarks: fastnn vs timm's drop_block_2d, forward and forward+backward, with
+`x*mask` (a multiply by a precomputed float mask each way) as the floor in the same group.
 
 Default run:
   cuda: (32, 256, 56, 56) block 7 and (32, 1024, 14, 14) block 5, float32 (+ the CPU shape)
   cpu:  (8, 256, 28, 28) block 7, float32
 --fastnn-full adds bfloat16/float16 on CUDA, coupled channels, and timm under torch.compile.
+On the shared 2-core CI machine, OpenMP regions stall while another process holds the second
+core; compare runs with OMP_NUM_THREADS=1 as well (ratios there are stable).
 
 Both sides use per-channel masks (couple_channels=False, fastnn's default) unless the group
 says coupled. bytes = the traffic an ideal kernel needs: the tensor read and written once
@@ -61,7 +64,9 @@ def _check(x, block, couple):
     torch.manual_seed(0)
     b = R.drop_block(x, P, block, couple_channels=couple)
     if x.dtype == torch.float32:
-        assert torch.equal(a, b), "timm differs from fastnn.reference (float32)"
+        # the same blocks; the scale can differ by an ulp past 2^24 units (timm counts in float32)
+        assert torch.equal(a == 0, b == 0), "timm drops other blocks than fastnn.reference"
+        assert torch.allclose(a, b, rtol=1e-6, atol=0), "timm's scale differs from fastnn.reference"
     if x.is_cuda:
         torch.cuda.set_rng_state(state, x.device)
     else:
@@ -72,6 +77,11 @@ def _fn(impl, x, block, couple, pass_, compiled):
     if impl == "fastnn":
         def fwd(t):
             return F.drop_block2d(t, P, block, couple_channels=couple)
+    elif impl == "x*mask":  # the floor: one multiply by a precomputed float mask each way
+        m = F.drop_block2d(torch.ones_like(x), P, block, couple_channels=couple)
+
+        def fwd(t):
+            return t * m
     else:
         def fwd(t):
             return timm_drop.drop_block_2d(t, P, block, couple_channels=couple)
@@ -92,7 +102,7 @@ def _fn(impl, x, block, couple, pass_, compiled):
 
 
 @pytest.mark.parametrize("pass_", ["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("impl", ["fastnn", "timm", "timm+compile"])
+@pytest.mark.parametrize("impl", ["fastnn", "timm", "x*mask", "timm+compile"])
 @pytest.mark.parametrize("couple", [False, True], ids=["per_channel", "coupled"])
 @pytest.mark.parametrize("case", range(3))
 @pytest.mark.parametrize("dtype_i", range(3))
@@ -108,7 +118,7 @@ def test_drop_block(benchmark, device, full_sweep, case, dtype_i, couple, impl, 
     x = torch.randn(shape, device=device, dtype=dtype)
     if impl == "fastnn":
         _check(x, block, couple)
-    fn = _fn("timm" if impl.startswith("timm") else "fastnn", x, block, couple, pass_, impl == "timm+compile")
+    fn = _fn("timm" if impl.startswith("timm") else impl, x, block, couple, pass_, impl == "timm+compile")
     fn()  # warm up (compiles, allocator)
     peak = peak_memory_of(fn, device)
     name = f"drop_block2d{'/coupled' if couple else ''} block={block}"

@@ -263,8 +263,9 @@ if backends.triton_available() is None:
 
 # ---------------------------------------------------------------- functional API
 
-def _prepare(input, nd, drop_prob, block_size, gamma_scale, generator, name):
-    _check_args(input, nd, drop_prob, block_size, gamma_scale, generator, name)
+def _prepare(input, nd, drop_prob, block_size, gamma_scale, generator, name, checked=False):
+    if not checked:
+        _check_args(input, nd, drop_prob, block_size, gamma_scale, generator, name)
     block = reference.drop_block_clip(_block_tuple(block_size, nd, name), input.shape[2:])
     gamma = reference.drop_block_gamma(float(drop_prob), float(gamma_scale), input.shape[2:], block) \
         if input.numel() > 0 else 0.0
@@ -276,7 +277,7 @@ def _drop_block(input, nd, drop_prob, block_size, gamma_scale, with_noise, coupl
     _check_args(input, nd, drop_prob, block_size, gamma_scale, generator, name)
     if not training or float(drop_prob) == 0.0 or input.numel() == 0:
         return input
-    block, gamma = _prepare(input, nd, drop_prob, block_size, gamma_scale, generator, name)
+    block, gamma = _prepare(input, nd, drop_prob, block_size, gamma_scale, generator, name, checked=True)
     b = backends.select(OP, input.device, backend)
     if b == "reference":
         out = reference.drop_block(input, float(drop_prob), block, float(gamma_scale), bool(with_noise),
