@@ -7,19 +7,24 @@ Memory is walked as a dense (outer, inner) matrix, the same for every kernel:
 uint8 [outer, ceil(inner / 8)], bit j of byte b = unit 8b + j, 1 = kept: about 1 bit per unit,
 and the same format as the CPU kernels (csrc/drop_block).
 
-Forward = three launches:
+Forward = three launches (four for channels-last 2-D/3-D):
   1. _seed_words_kernel: Bernoulli(gamma) seeds from Philox (tl.randint4x keyed by a seed drawn
      from torch's generator), packed 32 to a word along the bit axis of the layout. For
      gamma <= 1/16 (DropBlock's usual range) it draws the geometric gaps between seeds, so
      its work follows the number of seeds; above, a 16-bit draw per position and a second on
      exact ties (P(seed) = floor(gamma * 2^32) / 2^32). Also resets the drop counter.
-  2. _dilate_kernel (_dilate_rows64_kernel for contiguous rows of W <= 64, one row per lane):
-     each 32-unit output word ORs the seed words in its block window (bit shifts along
-     `inner` for the contiguous layout, word loads along the spatial axes), stores the keep
-     bits, and adds its dropped count to a global counter.
+  2. Dilation into blocks + count: _dilate_rows64_kernel (contiguous, W <= 64: one row per
+     lane as 64 bits), else _dilate_kernel (32-unit output words: bit shifts along W for the
+     contiguous layout; for channels-last, word ORs along W after _vertical_or_kernel did D
+     and H). Stores the keep bits and adds the dropped count to a global counter.
   3. _apply_kernel: out = x * keep * scale, scale = units / (units - dropped + 1e-7) read from
-     the counter on the device (no host sync). The backward is this kernel on the gradient.
+     the counter on the device (no host sync). Flat and vectorized when inner % 8 == 0 (the
+     mask has no row padding then), row tiles otherwise. The backward is this kernel on the
+     gradient.
 Launches 1-2 touch ~N/8 bytes each; launch 3 moves the tensor once in and once out.
+The geometry (spatial sizes, block, words per row) is constexpr: index math compiles to
+multiplies and shifts, at the price of one compile per feature-map shape. Batch size, channel
+count (contiguous layout) and gamma are runtime arguments.
 """
 import math
 import os
@@ -227,10 +232,14 @@ def _seed_words_kernel(seed_ptr, s_ptr, stats_ptr, n_words, units, thr_bits, inv
             ctr = widx[:, None] * 4 + k[None, :]
             sh = (k * 8).to(tl.uint32)[None, :]
             c0, c1, c2, c3 = tl.randint4x(seed, ctr)
-            hits = (((c0 & 0xFFFF) < thr_hi).to(tl.uint32) << sh) | (((c0 >> 16) < thr_hi).to(tl.uint32) << (sh + 1))
-            hits |= (((c1 & 0xFFFF) < thr_hi).to(tl.uint32) << (sh + 2)) | (((c1 >> 16) < thr_hi).to(tl.uint32) << (sh + 3))
-            hits |= (((c2 & 0xFFFF) < thr_hi).to(tl.uint32) << (sh + 4)) | (((c2 >> 16) < thr_hi).to(tl.uint32) << (sh + 5))
-            hits |= (((c3 & 0xFFFF) < thr_hi).to(tl.uint32) << (sh + 6)) | (((c3 >> 16) < thr_hi).to(tl.uint32) << (sh + 7))
+            hits = (((c0 & 0xFFFF) < thr_hi).to(tl.uint32) << sh) \
+                | (((c0 >> 16) < thr_hi).to(tl.uint32) << (sh + 1))
+            hits |= (((c1 & 0xFFFF) < thr_hi).to(tl.uint32) << (sh + 2)) \
+                | (((c1 >> 16) < thr_hi).to(tl.uint32) << (sh + 3))
+            hits |= (((c2 & 0xFFFF) < thr_hi).to(tl.uint32) << (sh + 4)) \
+                | (((c2 >> 16) < thr_hi).to(tl.uint32) << (sh + 5))
+            hits |= (((c3 & 0xFFFF) < thr_hi).to(tl.uint32) << (sh + 6)) \
+                | (((c3 >> 16) < thr_hi).to(tl.uint32) << (sh + 7))
             ntie = (((c0 & 0xFFFF) == thr_hi).to(tl.int32) + ((c0 >> 16) == thr_hi).to(tl.int32)
                     + ((c1 & 0xFFFF) == thr_hi).to(tl.int32) + ((c1 >> 16) == thr_hi).to(tl.int32)
                     + ((c2 & 0xFFFF) == thr_hi).to(tl.int32) + ((c2 >> 16) == thr_hi).to(tl.int32)
@@ -575,7 +584,8 @@ def seed_words(x: torch.Tensor, seed: torch.Tensor, g: Geometry, gamma: float, s
     wrap_triton(_seed_words_kernel)[grid](
         seed, s, stats, n_words, g.units, thr, inv, D=g.D, H=g.H, W=g.W, NWS=nws,
         LO_D=lo_d, HI_D=hi_d, LO_H=lo_h, HI_H=hi_h, LO_W=lo_w, HI_W=hi_w, COL_LO=col_lo, COL_HI=col_hi,
-        ALL=all_, SPARSE=sparse, FAST_LOG=not _interpreted(), CHANNELS=g.channels_last, COUPLED=g.couple, IDX64=_idx64(n_words * 8 + 8),
+        ALL=all_, SPARSE=sparse, FAST_LOG=not _interpreted(), CHANNELS=g.channels_last, COUPLED=g.couple,
+        IDX64=_idx64(n_words * 8 + 8),
         BLOCK=_SEED_WORDS_BLOCK, num_warps=4)
     return s
 
@@ -630,9 +640,10 @@ def apply_mask(src: torch.Tensor, out: torch.Tensor, mask: torch.Tensor, stats: 
         bo = max(1, _APPLY_ELEMS // bi)
         grid = (triton.cdiv(outer, bo), triton.cdiv(inner, bi))
     wrap_triton(_apply_kernel)[grid](
-        src, out, mask, stats, seed, outer * inner, outer, inner, g.nb, g.C * g.D * g.H, g.D * g.H, SCALE=scale and not noise,
-        NOISE=noise, NOISE_SHARED=noise and g.couple, CHANNELS=g.channels_last,
-        RNE_BF16=out.dtype == torch.bfloat16 and _interpreted(), FLAT=flat, IDX64=_idx64(src.numel() + _APPLY_ELEMS, outer * g.nb + _APPLY_ELEMS), BO=bo, BI=bi, num_warps=8)
+        src, out, mask, stats, seed, outer * inner, outer, inner, g.nb, g.C * g.D * g.H, g.D * g.H,
+        SCALE=scale and not noise, NOISE=noise, NOISE_SHARED=noise and g.couple, CHANNELS=g.channels_last,
+        RNE_BF16=out.dtype == torch.bfloat16 and _interpreted(), FLAT=flat,
+        IDX64=_idx64(src.numel() + _APPLY_ELEMS, outer * g.nb + _APPLY_ELEMS), BO=bo, BI=bi, num_warps=8)
 
 
 def seeds_from_words(s: torch.Tensor, g: Geometry, ndim: int) -> torch.Tensor:
@@ -651,3 +662,81 @@ def seeds_from_words(s: torch.Tensor, g: Geometry, ndim: int) -> torch.Tensor:
             m = bits[:, : g.W].reshape(g.N, cs, g.D, g.H, g.W)
     m = m.to(torch.uint8).contiguous()
     return m.reshape(m.shape[:2] + m.shape[5 - (ndim - 2):])
+
+
+# ---------------------------------------------------------------- compile check (no GPU needed)
+
+_CHECK_CONFIGS = [
+    # shape, block, dtype, couple, valid_only, channels_last, noise, gamma
+    ((32, 256, 56, 56), (7, 7), torch.float32, False, False, False, False, 0.003),
+    ((32, 256, 56, 56), (7, 7), torch.bfloat16, False, False, True, False, 0.003),
+    ((32, 1024, 14, 14), (5, 5), torch.float16, True, False, True, True, 0.2),
+    ((32, 1024, 14, 14), (5, 5), torch.float32, True, True, False, False, 1.0),
+    ((2, 16, 33, 70), (4, 70), torch.float32, False, False, False, True, 0.01),
+    ((2, 16, 33, 100), (3, 5), torch.float64, True, False, False, False, 0.2),
+    ((2, 16, 5, 6, 7), (3, 2, 4), torch.float64, False, False, True, False, 0.02),
+    ((2, 16, 29), (4,), torch.bfloat16, True, False, False, True, 0.02),
+]
+
+
+def compile_check(arch: int = 90, configs=_CHECK_CONFIGS):
+    """Compiles every launch the forward/backward makes for `configs` down to a cubin for sm_`arch`,
+    without a GPU and without running anything: the launchers run on meta tensors and record
+    their launches; each is compiled with the specialization a real launch gets (16-byte
+    aligned pointers, ints divisible by 16, ints equal to 1). Returns [(kernel, config, error)]
+    for the failures. Needs TRITON_INTERPRET unset when triton is imported (see the test)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    global wrap_triton
+    records = []
+
+    class _Rec:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __getitem__(self, grid):
+            return lambda *args, **kw: records.append((self.fn, args, kw))
+
+    types = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
+             torch.int32: "i32", torch.int64: "i64", torch.uint8: "u8"}
+    failures = []
+    saved = wrap_triton
+    wrap_triton = _Rec
+    try:
+        for cfg in configs:
+            shape, block, dtype, couple, valid_only, cl, noise, gamma = cfg
+            records.clear()
+            x = torch.empty(shape, dtype=dtype, device="meta")
+            seed = torch.empty(1, dtype=torch.int64, device="meta")
+            g = geometry(shape, block, couple, valid_only, cl)
+            mask, stats = build_mask(x, seed, g, gamma)
+            apply_mask(x, x, mask, stats, seed, g, True, noise)
+            apply_mask(x, x, mask, stats, stats, g, True, False)  # the backward
+            for fn, args, kw in records:
+                kw = dict(kw)
+                opts = {k: kw.pop(k) for k in ("num_warps", "num_stages") if k in kw}
+                sig, consts, attrs = {}, {}, {}
+                dns = set(getattr(fn, "do_not_specialize", ()))
+                for i, name in enumerate(fn.arg_names):
+                    v = kw[name] if name in kw else args[i]
+                    if name in kw:
+                        sig[name], consts[(i,)] = "constexpr", v
+                    elif isinstance(v, torch.Tensor):
+                        sig[name], attrs[(i,)] = "*" + types[v.dtype], [["tt.divisibility", 16]]
+                    elif isinstance(v, float):
+                        sig[name] = "fp32"
+                    elif v == 1 and name not in dns and i not in dns:
+                        sig[name], consts[(i,)] = "constexpr", 1
+                    else:
+                        sig[name] = "i64" if abs(v) >= 2 ** 31 else "i32"
+                        if v % 16 == 0 and name not in dns and i not in dns:
+                            attrs[(i,)] = [["tt.divisibility", 16]]
+                try:
+                    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+                    triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
+                except Exception as e:  # report all, not just the first
+                    failures.append((fn.__name__, cfg, repr(e)[:2000]))
+    finally:
+        wrap_triton = saved
+    return failures

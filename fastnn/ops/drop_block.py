@@ -51,9 +51,8 @@ def _check_args(input, nd: int, drop_prob, block_size, gamma_scale, generator, n
         raise TypeError(f"{name}: input must be a torch.Tensor, got {type(input).__name__}")
     if input.dim() != nd + 2:
         shape = {1: "(N, C, L)", 2: "(N, C, H, W)", 3: "(N, C, D, H, W)"}[nd]
-        raise ValueError(f"{name}: input must be {shape} ({nd + 2}-D), got shape {tuple(input.shape)}; "
-                         f"use drop_block{input.dim() - 2}d for {input.dim()}-D inputs" if 3 <= input.dim() <= 5
-                         else f"{name}: input must be {shape} ({nd + 2}-D), got shape {tuple(input.shape)}")
+        hint = f"; use drop_block{input.dim() - 2}d for {input.dim()}-D inputs" if 3 <= input.dim() <= 5 else ""
+        raise ValueError(f"{name}: input must be {shape} ({nd + 2}-D), got shape {tuple(input.shape)}{hint}")
     if input.dtype not in _FLOAT:
         raise TypeError(f"{name}: input must be float16, bfloat16, float32 or float64, got {input.dtype}; "
                         f"convert it with .float()")
