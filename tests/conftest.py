@@ -12,6 +12,11 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# fp32 comparisons against references are meant at fp32 precision: cuDNN's default TF32
+# convolutions (Ampere+) would put both sides ~1e-3 apart. Tests that want TF32 turn it on.
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False
+
 
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
