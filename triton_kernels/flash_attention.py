@@ -133,6 +133,11 @@ def _fwd_kernel(Q, K, V, O, LSE, SEED,
                 D: tl.constexpr, HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                 PREC: tl.constexpr, USE_TMA: tl.constexpr, SCALE_POS: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Inductor (torch.compile) passes Python floats to user kernels as fp64 scalars, Triton's own
+    # launcher as fp32: pin them to fp32, or the softmax math and the accumulators turn fp64
+    # (and tl.dot rejects the fp64 accumulator)
+    sm_scale = tl.cast(sm_scale, tl.float32)
+    dropout_p = tl.cast(dropout_p, tl.float32)
     pid_m = tl.program_id(0)
     if IS_CAUSAL:  # the longest rows first: better tail balance
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -290,6 +295,8 @@ def _bwd_kv_kernel(Q, K, V, DO, DK, DV, L2, DL, SEED,
     """dK/dV of one key block from one query head h (kv head h // GROUP). DK/DV are indexed by the
     query head: with GQA the launcher passes fp32 per-query-head buffers and sums each group after
     (deterministic, no atomics, K/V never repeated)."""
+    sm_scale = tl.cast(sm_scale, tl.float32)  # fp64 under Inductor, see _fwd_kernel
+    dropout_p = tl.cast(dropout_p, tl.float32)
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -395,6 +402,8 @@ def _bwd_q_kernel(Q, K, V, DO, DQ, L2, DL, SEED,
                   SQ_KEY, SK_KEY,
                   D: tl.constexpr, HEAD_DIM: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                   PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    sm_scale = tl.cast(sm_scale, tl.float32)  # fp64 under Inductor, see _fwd_kernel
+    dropout_p = tl.cast(dropout_p, tl.float32)
     pid_m = tl.program_id(0)
     if IS_CAUSAL:
         pid_m = tl.num_programs(0) - 1 - pid_m
@@ -446,6 +455,7 @@ def _bwd_q_kernel(Q, K, V, DO, DQ, L2, DL, SEED,
 @triton.jit
 def _dropout_mask_kernel(OUT, SEED, seq_q, seq_k, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The keep-mask the attention kernels use, as int8 (B*H, Sq, Sk). For tests."""
+    dropout_p = tl.cast(dropout_p, tl.float32)  # the same fp32 threshold as the attention kernels
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     bh = tl.program_id(2)
@@ -596,13 +606,18 @@ def _fixed(table_entry, sq_rows: int, sk_cols: int):
     return bm, bn, w, s
 
 
+def _wrap(kernel):
+    # torch.library.wrap_triton, looked up per call (compile_check swaps this function out)
+    from torch.library import wrap_triton
+    return wrap_triton(kernel)
+
+
 def _launch(kernel, tuned, grid_of, args, consts, config):
     """Run `kernel` with `config` (BLOCK_M, BLOCK_N, warps, stages) or through its autotuner."""
-    from torch.library import wrap_triton
     if config is None:
-        return wrap_triton(tuned)[lambda meta: grid_of(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **consts)
+        return _wrap(tuned)[lambda meta: grid_of(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **consts)
     bm, bn, w, s = config
-    return wrap_triton(kernel)[grid_of(bm, bn)](*args, **consts, BLOCK_M=bm, BLOCK_N=bn,
+    return _wrap(kernel)[grid_of(bm, bn)](*args, **consts, BLOCK_M=bm, BLOCK_N=bn,
                                                   num_warps=w, num_stages=s)
 
 
@@ -641,7 +656,6 @@ def forward(q, k, v, *, softmax_scale: float, causal: bool, causal_shift: int = 
 def backward(do, q, k, v, out, lse, dlse=None, *, softmax_scale: float, causal: bool, causal_shift: int = 0,
              dropout_p: float = 0.0, seed=None, config_kv=None, config_q=None):
     """dq, dk, dv (contiguous, (B, S, H, D) layout) from the saved out and lse."""
-    from torch.library import wrap_triton
     B, Sq, H, D = q.shape
     Sk, Hkv = k.shape[1], k.shape[2]
     hd = head_dim_padded(D)
@@ -657,7 +671,7 @@ def backward(do, q, k, v, out, lse, dlse=None, *, softmax_scale: float, causal: 
     delta = torch.empty((B, H, Sq), dtype=torch.float32, device=q.device)
     lse2 = torch.empty_like(delta)
     bm_pre = 32 if interpreted() else max(16, min(128, 8192 // hd))
-    wrap_triton(_bwd_preprocess)[(triton.cdiv(Sq, bm_pre), B * H)](
+    _wrap(_bwd_preprocess)[(triton.cdiv(Sq, bm_pre), B * H)](
         out, do, lse, dlse if dlse is not None else lse, delta, lse2,
         *_strides3(out), *_strides3(do), H, Sq,
         D=D, HEAD_DIM=hd, HAS_DLSE=dlse is not None, BLOCK_M=bm_pre)
@@ -694,3 +708,110 @@ def dropout_mask(seed, batch: int, nheads: int, seqlen_q: int, seqlen_k: int, dr
         _dropout_mask_kernel[(triton.cdiv(seqlen_q, bm), triton.cdiv(seqlen_k, bn), batch * nheads)](
             out, seed, seqlen_q, seqlen_k, float(dropout_p), BLOCK_M=bm, BLOCK_N=bn)
     return out.bool()
+
+
+# ----------------------------------------------------------------------------- compile check (no GPU needed)
+
+# (dtype, B, Sq, Sk, H, Hkv, D, causal, dropout_p): the 16-bit forward with and without TMA-free
+# pointer loads, GQA, masked tails, dropout, fp32 (3xTF32), a head dim that is padded
+_CHECK_CASES = [
+    (torch.bfloat16, 2, 257, 300, 4, 2, 64, True, 0.0),
+    (torch.float16, 2, 128, 77, 4, 4, 96, False, 0.1),
+    (torch.float32, 1, 64, 64, 2, 1, 32, True, 0.1),
+]
+
+
+def _ttir(src, target, opts: dict) -> str:
+    """The Triton IR of an ASTSource (the front end only: no lowering, no ptxas)."""
+    import inspect
+    from triton.compiler.compiler import make_backend
+    backend = make_backend(target)
+    options = backend.parse_options(opts)
+    ctx = triton._C.libtriton.ir.context()
+    triton._C.libtriton.ir.load_dialects(ctx)
+    backend.load_dialects(ctx)
+    args = (options, backend.get_codegen_implementation(options), backend.get_module_map(), ctx)
+    if "target" in inspect.signature(src.make_ir).parameters:  # triton >= 3.5
+        args = (target,) + args
+    return str(src.make_ir(*args))
+
+
+def compile_check(arch: int = 90, cases=_CHECK_CASES):
+    """Compiles every launch forward/backward make for `cases` for sm_`arch`, without a GPU and
+    without running anything: the launchers run on meta tensors and record their launches (the
+    untuned first config of each table), each compiled with the specialization a real launch gets
+    (aligned pointers, ints divisible by 16, ints equal to 1 as constants). Twice: with Python floats
+    typed fp32 as Triton's own launcher does, down to a cubin; and typed fp64 as Inductor does for
+    user kernels under torch.compile, to Triton IR, which must then hold no fp64 arithmetic (only the
+    casts of the arguments). Returns [(kernel, case, float type, error)] for the failures.
+    Needs TRITON_INTERPRET unset when triton is imported (see the test)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    global _wrap
+    records = []
+
+    class _Rec:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __getitem__(self, grid):
+            return lambda *args, **kw: records.append((self.fn, args, kw))
+
+    types = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64"}
+    target = GPUTarget("cuda", arch, 32)
+    failures = []
+    saved = _wrap
+    _wrap = _Rec
+    try:
+        for case in cases:
+            dtype, b, sq, sk, h, hkv, d, causal, p = case
+            records.clear()
+            q = torch.empty((b, sq, h, d), dtype=dtype, device="meta")
+            k = torch.empty((b, sk, hkv, d), dtype=dtype, device="meta")
+            seed = torch.empty(1, dtype=torch.int64, device="meta")
+            cls = _cls(dtype, head_dim_padded(d))
+            out, lse = forward(q, k, k, softmax_scale=d ** -0.5, causal=causal, causal_shift=sk - sq,
+                               dropout_p=p, seed=seed, config=FWD_CONFIGS[cls][0], use_tma=False)
+            backward(out, q, k, k, out, lse, lse, softmax_scale=d ** -0.5, causal=causal, causal_shift=sk - sq,
+                     dropout_p=p, seed=seed, config_kv=BWD_KV_CONFIGS[cls][0], config_q=BWD_Q_CONFIGS[cls][0])
+            for fn, args, kw in records:
+                kw = dict(kw)
+                opts = {key: kw.pop(key) for key in ("num_warps", "num_stages") if key in kw}
+                for ftype in ("fp32", "fp64"):
+                    sig, consts, attrs = {}, {}, {}
+                    for i, name in enumerate(fn.arg_names):
+                        v = kw[name] if name in kw else args[i]
+                        if name in kw:
+                            sig[name], consts[(i,)] = "constexpr", v
+                        elif isinstance(v, torch.Tensor):
+                            sig[name], attrs[(i,)] = "*" + types[v.dtype], [["tt.divisibility", 16]]
+                        elif isinstance(v, float):
+                            sig[name] = ftype
+                        elif v == 1:
+                            sig[name], consts[(i,)] = "constexpr", 1
+                        else:
+                            sig[name] = "i64" if abs(v) >= 2 ** 31 else "i32"
+                            if v % 16 == 0:
+                                attrs[(i,)] = [["tt.divisibility", 16]]
+                    if ftype == "fp64" and "fp64" not in sig.values():
+                        continue
+                    try:
+                        src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+                        if ftype == "fp32":
+                            triton.compile(src, target=target, options=opts)
+                        else:
+                            ir = _ttir(src, target, opts)
+                            f64 = [ln.strip() for ln in ir.splitlines()
+                                   if "f64" in ln and "tt.func" not in ln and "arith.truncf" not in ln]
+                            if f64:
+                                raise AssertionError("fp64 arithmetic: " + "\n".join(f64[:5]))
+                    except Exception as e:  # report all, not just the first
+                        chain, x = [], e
+                        while x is not None:  # Triton chains the errors of nested calls
+                            chain.append(f"{type(x).__name__}: {x}")
+                            x = x.__cause__
+                        failures.append((fn.__name__, case, ftype, "\n".join(chain)[-4000:]))
+    finally:
+        _wrap = saved
+    return failures
