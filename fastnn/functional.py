@@ -2,3 +2,4 @@
 from fastnn.ops.flash_attention import flash_attn_func, scaled_dot_product_attention  # noqa: F401
 from fastnn.ops.stochastic_pool import stochastic_pool2d  # noqa: F401
 from fastnn.ops.conv_bn_relu import batch_norm_relu, conv_bn_relu, conv2d_bias_relu, fold_conv_bn, sync_batch_norm_relu  # noqa: F401
+from fastnn.ops.cbam import cbam, cbam_channel_pool, cbam_spatial_pool  # noqa: F401
