@@ -13,8 +13,11 @@ What is replaced (``ops`` selects; the default is all four):
                   module, F.relu, torch.relu or .relu()) is fused only when it is the BatchNorm
                   output's one user (nn.Identity calls between them are skipped over). The call site
                   is rewritten, never a module: a ReLU module used three times in a block stays for
-                  its other calls. Such a module becomes a torch.fx.GraphModule (same class name,
-                  children and state; methods other than forward are not carried over).
+                  its other calls. Such a module keeps its object, state, hooks and methods; its
+                  class becomes a subclass of the same name whose forward is the rewritten graph
+                  (``type(m)._fastnn_fx_code`` shows it). The fused block takes the conv's
+                  attribute and the BatchNorm's becomes nn.Identity, so other methods that run
+                  conv -> bn -> relu (timm's forward_features) still give the same values.
   "cbam"          timm's CbamModule and tutorial-style CBAM modules become fastnn.nn.CBAM
                   (CBAM.from_module); each is checked on a probe input before it is swapped in.
   "drop_block"    timm's DropBlock2d becomes fastnn.nn.DropBlock2d (DropBlock2d.from_module).
@@ -84,7 +87,7 @@ class ConversionReport:
     skipped        Skipped(path, type, op, reason) per candidate left as it was
     fallbacks      (path, type, reason): modules whose forward torch.fx could not trace (or that
                    convert would not trace); only the module walk ran there
-    rewritten      (path, type): modules whose forward was rewritten (now torch.fx.GraphModules)
+    rewritten      (path, type): modules whose forward was rewritten with torch.fx
     notes          other things worth knowing (direct SDPA calls, fast paths)
     key_map        converted module path -> original module path, for the fused blocks' state
     """
@@ -128,7 +131,7 @@ class ConversionReport:
                             [[r.path or "<model>", r.old, r.new, r.found_by, r.detail] for r in self.replacements])
         if self.rewritten:
             lines.append("")
-            lines.append("forwards rewritten with torch.fx (now GraphModules): " +
+            lines.append("forwards rewritten with torch.fx: " +
                          ", ".join(f"{p or '<model>'} ({t})" for p, t in self.rewritten))
         if self.skipped:
             lines.append("")
@@ -206,9 +209,9 @@ def convert(model: nn.Module, *, ops: Optional[Iterable[str]] = None, inplace: b
 
     ops            a subset of {"conv_bn_relu", "cbam", "drop_block", "attention"}; None: all.
     inplace        False (default): convert a deep copy; `model` is not changed. True: change
-                   `model` itself and keep its parameter tensors (an optimizer made before still
-                   holds the right ones). Use the returned module either way: it is a new object
-                   when the top-level module's forward was rewritten.
+                   `model` itself and return it (unless `model` itself is a module that gets
+                   replaced, e.g. an nn.MultiheadAttention) and keep its parameter tensors (an
+                   optimizer made before still holds the right ones).
     trace          False: no torch.fx (only nn.Sequential runs and module types are converted).
     return_report  also return the report: ``model, report = convert(m, return_report=True)``.
 
@@ -224,18 +227,18 @@ def convert(model: nn.Module, *, ops: Optional[Iterable[str]] = None, inplace: b
             raise RuntimeError(f"fastnn.convert: could not deep-copy the model ({type(e).__name__}: {e}); "
                                f"pass inplace=True to convert it in place") from e
     report = ConversionReport(ops=ops)
-    _swap_modules(model, ops, report)
+    model = _swap_modules(model, ops, report)
     if "attention" in ops:
         _find_sdpa_calls(model, report)
     if "conv_bn_relu" in ops:
         occurrences = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
         indexed = set()
         if trace:
-            model = _fx_pass(model, report, occurrences, indexed)
+            _fx_pass(model, report, occurrences, indexed)
         _sequential_pass(model, report, occurrences, indexed)
     order = {p: i for i, (p, _) in enumerate(_walk(model))}
     report.replacements.sort(key=lambda r: order.get(r.path, len(order)))
-    _attach(model, _REPORT_ATTR, report)
+    setattr(model, _REPORT_ATTR, report)
     return (model, report) if return_report else model
 
 
@@ -253,14 +256,6 @@ def _check_ops(ops) -> Tuple[str, ...]:
     if bad:
         raise ValueError(f"fastnn.convert: unknown op(s) {bad}; valid ops are {list(OPS)} (ops=None: all)")
     return tuple(o for o in OPS if o in ops)
-
-
-def _attach(module: nn.Module, name: str, value) -> None:
-    setattr(module, name, value)
-    if isinstance(module, torch.fx.GraphModule):
-        # GraphModule.__deepcopy__ rebuilds the module and keeps only these extra attributes
-        key = getattr(torch.fx.graph_module, "_USER_PRESERVED_ATTRIBUTES_KEY", "_user_preserved_attributes")
-        module.meta.setdefault(key, {})[name] = value
 
 
 def _join(*parts: str) -> str:
@@ -295,24 +290,22 @@ def _get(root: nn.Module, path: str) -> nn.Module:
     return root.get_submodule(path) if path else root
 
 
-def _set(root: nn.Module, path: str, new: Optional[nn.Module]) -> None:
-    """Put `new` at `path` (keeping the child's position); None deletes it."""
+def _set(root: nn.Module, path: str, new: nn.Module) -> None:
+    """Put `new` at `path`, keeping the child's position."""
     parent_path, _, name = path.rpartition(".")
-    parent = _get(root, parent_path)
-    if new is None:
-        del parent._modules[name]
-    else:
-        parent._modules[name] = new
+    _get(root, parent_path)._modules[name] = new
 
 
 # ----------------------------------------------------------------------------- module swaps
 
-def _swap_modules(root: nn.Module, ops, report: ConversionReport) -> None:
+def _swap_modules(root: nn.Module, ops, report: ConversionReport) -> nn.Module:
     done: Dict[int, nn.Module] = {}  # a module shared at several places becomes one new module
+    seen = set()
 
     def visit(module: nn.Module, prefix: str):
-        if _is_fastnn(module):
+        if _is_fastnn(module) or id(module) in seen:
             return
+        seen.add(id(module))
         for name, child in list(module._modules.items()):
             if child is None:
                 continue
@@ -327,7 +320,11 @@ def _swap_modules(root: nn.Module, ops, report: ConversionReport) -> None:
             else:
                 visit(child, path)
 
+    new_root = _convert_one(root, "", ops, report)  # e.g. convert(nn.MultiheadAttention(...))
+    if new_root is not None:
+        return new_root
     visit(root, "")
+    return root
 
 
 def _convert_one(m: nn.Module, path: str, ops, report: ConversionReport) -> Optional[nn.Module]:
@@ -337,9 +334,8 @@ def _convert_one(m: nn.Module, path: str, ops, report: ConversionReport) -> Opti
         return None
     if "attention" in ops and isinstance(m, nn.MultiheadAttention):
         if type(m) is not nn.MultiheadAttention:
-            if not _is_fastnn(m):
-                report.skipped.append(Skipped(path, tn, "attention", "a subclass of nn.MultiheadAttention "
-                                              "(its forward may differ); only nn.MultiheadAttention itself is converted"))
+            report.skipped.append(Skipped(path, tn, "attention", "a subclass of nn.MultiheadAttention "
+                                          "(its forward may differ); only nn.MultiheadAttention itself is converted"))
             return None
         if _has_hooks(m):
             report.skipped.append(Skipped(path, tn, "attention", "has forward/backward hooks"))
@@ -353,8 +349,8 @@ def _convert_one(m: nn.Module, path: str, ops, report: ConversionReport) -> Opti
         return _convert_cbam(m, path, report)
     if "drop_block" in ops and re.search(r"drop_?block(_?[123]d)?$", tn.lower()):
         if not (tn == "DropBlock2d" and type(m).__module__.startswith("timm.")):
-            report.skipped.append(Skipped(path, tn, "drop_block", "not timm's DropBlock2d: its sampling is not "
-                                          "known, so it is left as it is (fastnn.nn.DropBlock2d can replace it by hand)"))
+            report.skipped.append(Skipped(path, tn, "drop_block", "not timm's DropBlock2d: its sampling is not known, "
+                                          "so it is left as it is (fastnn.nn.DropBlock2d can replace it by hand)"))
             return None
         if _has_hooks(m):
             report.skipped.append(Skipped(path, tn, "drop_block", "has forward/backward hooks"))
@@ -389,7 +385,8 @@ def _mha_notes(report: ConversionReport) -> None:
 def _looks_like_cbam(m: nn.Module) -> bool:
     if _is_fastnn(m):
         return False
-    return (_tname(m).lower().endswith(("cbam", "cbammodule")) or (hasattr(m, "channel_attention") and hasattr(m, "spatial_attention"))
+    return (_tname(m).lower().endswith(("cbam", "cbammodule"))
+            or (hasattr(m, "channel_attention") and hasattr(m, "spatial_attention"))
             or (hasattr(m, "ChannelGate") and hasattr(m, "SpatialGate")))
 
 
@@ -550,8 +547,6 @@ def _called_children(m: nn.Module):
 
 
 def _untraceable_reason(m: nn.Module) -> Optional[str]:
-    if _has_hooks(m):
-        return "it has forward/backward hooks (a GraphModule would not keep them)"
     try:
         sig = inspect.signature(m.forward)
     except (TypeError, ValueError):
@@ -623,7 +618,7 @@ def _slot_problem(m: nn.Module, target: str) -> Optional[str]:
     return None
 
 
-def _fx_pass(root: nn.Module, report: ConversionReport, occurrences: Counter, indexed: set) -> nn.Module:
+def _fx_pass(root: nn.Module, report: ConversionReport, occurrences: Counter, indexed: set) -> None:
     paths = _fx_candidates(root)
     paths.sort(key=lambda p: -p.count(".") - bool(p))  # deepest first (paths stay valid)
     for path in paths:
@@ -643,13 +638,7 @@ def _fx_pass(root: nn.Module, report: ConversionReport, occurrences: Counter, in
                     report.skipped.append(Skipped(_join(path, name), _tname(c), "conv_bn_relu",
                                                   f"called from {tn}.forward, which was not traced"))
             continue
-        new = _rewrite(m, path, graph, report, occurrences, indexed)
-        if new is not None:
-            if path:
-                _set(root, path, new)
-            else:
-                root = new
-    return root
+        _rewrite(m, path, graph, report, occurrences, indexed)
 
 
 def _parents(m: nn.Module, name: str):
@@ -661,7 +650,7 @@ def _parents(m: nn.Module, name: str):
 
 
 def _rewrite(m: nn.Module, path: str, graph: torch.fx.Graph, report: ConversionReport,
-             occurrences: Counter, indexed: set) -> Optional[nn.Module]:
+             occurrences: Counter, indexed: set) -> None:
     mods = dict(m.named_modules(remove_duplicate=False))
     calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
     attrs = [n.target for n in graph.nodes if n.op == "get_attr"]
@@ -703,7 +692,7 @@ def _rewrite(m: nn.Module, path: str, graph: torch.fx.Graph, report: ConversionR
         chain, relu_node, relu_desc = _relu_user(bn_node, mods)
         sites.append((node, bn_node, chain, relu_node, relu_desc))
     if not sites:
-        return None
+        return
 
     for node, bn_node, chain, relu_node, relu_desc in sites:
         conv, bn = mods[node.target], mods[bn_node.target]
@@ -715,8 +704,7 @@ def _rewrite(m: nn.Module, path: str, graph: torch.fx.Graph, report: ConversionR
         for n in reversed([node, bn_node] + chain + ([relu_node] if relu_node is not None else [])):
             graph.erase_node(n)
         _set(m, node.target, fused)
-        in_container = "." in bn_node.target
-        _set(m, bn_node.target, nn.Identity().train(bn.training) if in_container else None)  # containers keep their indices
+        _set(m, bn_node.target, nn.Identity().train(bn.training))  # (containers keep their indices)
         report.key_map[_join(path, node.target, "conv")] = _join(path, node.target)
         report.key_map[_join(path, node.target, "bn")] = _join(path, bn_node.target)
         old = "Conv2d -> BatchNorm2d" + (" -> ReLU" if relu_node is not None else "")
@@ -724,26 +712,53 @@ def _rewrite(m: nn.Module, path: str, graph: torch.fx.Graph, report: ConversionR
         report.replacements.append(Replacement(_join(path, node.target), old, _tname(fused), "conv_bn_relu",
                                                "fx", detail))
     graph.lint()
-    gm = torch.fx.GraphModule(m, graph, class_name=tn)
-    # GraphModule copies only what the graph uses, with plain nn.Module placeholders for the
-    # containers on the way: give it all of m's children, parameters and buffers, in m's order,
-    # so the state_dict keeps every key and containers keep their types.
-    gm._modules.clear()
-    gm._modules.update(m._modules)
-    gm._parameters.clear()
-    gm._parameters.update(m._parameters)
-    gm._buffers.clear()
-    gm._buffers.update(m._buffers)
-    gm._non_persistent_buffers_set = set(m._non_persistent_buffers_set)
-    gm.training = m.training
-    # plain attributes (timm's num_classes, pretrained_cfg, ...) for code that reads them; the
-    # forward no longer does.
-    for k, v in m.__dict__.items():
-        if not k.startswith("_") and k != "training" and not hasattr(gm, k) and \
-                not isinstance(v, (nn.Module, torch.Tensor)):
-            _attach(gm, k, v)
+    m.__class__ = _rewritten_class(type(m), graph)
     report.rewritten.append((path, tn))
-    return gm
+
+
+# A rewritten module keeps its object, state, hooks and methods; only its class changes, to a
+# subclass (same name) whose forward is the rewritten graph's code. The fused block takes the
+# conv's attribute and the BatchNorm's becomes nn.Identity, so other methods that run
+# conv -> bn -> relu (timm's forward_features) still compute the same values (ReLU twice is ReLU).
+# The code comes from a GraphModule over placeholders, which is also what pickling stores.
+_REWRITTEN: Dict[Tuple[type, str], type] = {}
+
+
+def _rewritten_class(base: type, graph_or_stub) -> type:
+    if isinstance(graph_or_stub, torch.fx.GraphModule):
+        stub = graph_or_stub
+    else:
+        stub = torch.fx.GraphModule(_placeholders(graph_or_stub), graph_or_stub, class_name=base.__name__)
+    key = (base, stub.code)
+    cls = _REWRITTEN.get(key)
+    if cls is None:
+        cls = type(base.__name__, (base,), {
+            "forward": type(stub).forward, "__module__": base.__module__, "__qualname__": base.__qualname__,
+            "__doc__": base.__doc__, "__reduce_ex__": _rewritten_reduce_ex,
+            "_fastnn_fx_base": base, "_fastnn_fx_stub": stub, "_fastnn_fx_code": stub.code})
+        _REWRITTEN[key] = cls
+    return cls
+
+
+def _placeholders(graph: torch.fx.Graph) -> Dict[str, object]:
+    out = {}
+    for n in graph.nodes:
+        if n.op == "call_module":
+            out[n.target] = nn.Module()
+        elif n.op == "get_attr":
+            out[n.target] = torch.empty(0)
+    return out
+
+
+def _rewritten_reduce_ex(self, protocol):
+    # pickle / deepcopy: the base class by reference, the code through GraphModule's own pickling
+    cls = type(self)
+    return (_rebuild_rewritten, (cls._fastnn_fx_base, cls._fastnn_fx_stub), self.__dict__)
+
+
+def _rebuild_rewritten(base: type, stub: torch.fx.GraphModule):
+    cls = _rewritten_class(base, stub)
+    return cls.__new__(cls)  # the state comes next, through nn.Module.__setstate__
 
 
 def _sequential_pass(root: nn.Module, report: ConversionReport, occurrences: Counter, indexed: set) -> None:

@@ -141,6 +141,10 @@ def test_torchvision_resnet18():
     check_eval(model, conv, x)
     check_train_step(model, conv, report, x)
     check_state_dict_both_ways(model, conv, torchvision.models.resnet18(num_classes=10), x)
+    # the rewritten modules keep their classes (a subclass with the traced forward)
+    assert isinstance(conv, torchvision.models.ResNet) and isinstance(conv.layer1[0], BasicBlock)
+    assert type(conv).__name__ == "ResNet" and "self.conv1(x)" in type(conv)._fastnn_fx_code
+    assert isinstance(conv.bn1, nn.Identity)
     # inplace=False: the input model is untouched (module types, parameters and buffers)
     assert isinstance(model.layer1[0].bn1, nn.BatchNorm2d) and type(model) is torchvision.models.ResNet
     model.load_state_dict(before)  # strict: same keys
@@ -188,6 +192,7 @@ def test_inplace_keeps_parameter_tensors_and_module_copies():
     model = torchvision.models.resnet18(num_classes=10)
     ids = {id(t) for t in list(model.parameters()) + list(model.buffers())}
     conv = fastnn.convert(model, inplace=True)
+    assert conv is model
     assert {id(t) for t in list(conv.parameters()) + list(conv.buffers())} == ids
     # deepcopy, pickling and train/eval of the GraphModule result
     x = torch.randn(2, 3, 32, 32)
@@ -252,9 +257,15 @@ def test_timm_resnet50_cbam_dropblock():
             m.drop_prob = 0.0
     fresh = copy.deepcopy(model)
     check_train_step(model, conv, report, x)
-    # timm attributes stay readable on the rewritten top-level module
-    assert conv.num_classes == 10 and conv.pretrained_cfg == model.pretrained_cfg
     fresh.load_state_dict(original_state_dict(conv))
+    # timm's other methods still work on the rewritten model: forward_features runs
+    # conv1 (now Conv-BN-ReLU) -> bn1 (now Identity) -> act1, the same values
+    model.eval()
+    conv.eval()
+    with torch.no_grad():
+        assert rel(conv.forward_features(x), model.forward_features(x)) <= EVAL_TOL
+    conv.reset_classifier(5)
+    assert conv(x).shape == (2, 5) and isinstance(conv, timm.models.ResNet)
 
 
 @needs_timm
@@ -289,6 +300,23 @@ def test_transformer_encoder(batch_first, norm_first):
     check_train_step(model, conv, report, x)
     fresh = nn.TransformerEncoder(copy.deepcopy(layer), 2, enable_nested_tensor=False)
     fresh.load_state_dict(conv.state_dict())  # same keys
+
+
+def test_transformer_decoder_and_bare_mha():
+    layer = nn.TransformerDecoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    model = nn.TransformerDecoder(layer, 2)
+    conv, report = convert(model)
+    assert_counts(report, {"MultiheadAttention": 4})  # self_attn and multihead_attn per layer
+    tgt, mem = torch.randn(2, 5, 16), torch.randn(2, 7, 16)
+    check_eval(model, conv, tgt, mem)
+    check_train_step(model, conv, report, tgt, mem)
+    mha = nn.MultiheadAttention(16, 2)
+    new = fastnn.convert(mha)  # the model itself is replaced
+    assert type(new) is fnn.MultiheadAttention and new.fastnn_report.counts() == {"MultiheadAttention": 1}
+    q = torch.randn(5, 2, 16)
+    mha.eval()
+    new.eval()
+    assert rel(new(q, q, q, need_weights=False)[0], mha(q, q, q, need_weights=False)[0]) <= EVAL_TOL
 
 
 # ----------------------------------------------------------------------------- tutorial-style models
@@ -370,6 +398,14 @@ class SpatialAttention(nn.Module):
     def forward(self, x):
         avg, mx = x.mean(1, keepdim=True), x.amax(1, keepdim=True)
         return torch.sigmoid(self.conv(torch.cat([mx, avg] if self.max_first else [avg, mx], 1)))
+
+
+def test_converted_model_compiles():
+    model = TutResNet()
+    conv, _ = convert(model)
+    compiled = torch.compile(conv, backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, 3, 16, 16)
+    check_eval(model, compiled, x)
 
 
 class TutCBAM(nn.Module):
@@ -591,13 +627,17 @@ def test_subclasses_and_shared_modules_are_left_alone():
         pass
 
     shared = nn.Conv2d(4, 4, 1)
+    hooked = nn.Conv2d(4, 4, 1)
+    hooked.register_forward_pre_hook(lambda m, args: None)
     model = nn.Sequential(nn.Conv2d(3, 4, 1), MyBN(4), nn.ReLU(), shared, nn.BatchNorm2d(4),
-                          nn.Sequential(shared, nn.BatchNorm2d(4)))
+                          nn.Sequential(shared, nn.BatchNorm2d(4)), hooked, nn.BatchNorm2d(4))
     conv, report = convert(model)
     assert not report.replacements
     reasons = [s.reason for s in report.skipped]
     assert any("MyBN is not nn.BatchNorm2d" in r for r in reasons)
     assert sum("used at 2 places" in r for r in reasons) == 2
+    assert any("hooks" in r for r in reasons)
+    check_eval(model, conv, torch.randn(2, 3, 5, 5))
 
 
 def test_ops_argument():
