@@ -236,6 +236,11 @@ def convert(model: nn.Module, *, ops: Optional[Iterable[str]] = None, inplace: b
         if trace:
             _fx_pass(model, report, occurrences, indexed)
         _sequential_pass(model, report, occurrences, indexed)
+    prev = getattr(model, _REPORT_ATTR, None)
+    if isinstance(prev, ConversionReport) and prev.key_map:  # converted before: keys map back to the first model
+        moved = set(report.key_map.values())
+        report.key_map = {**{k: v for k, v in prev.key_map.items() if k not in moved},
+                          **{k: prev.key_map.get(v, v) for k, v in report.key_map.items()}}
     order = {p: i for i, (p, _) in enumerate(_walk(model))}
     report.replacements.sort(key=lambda r: order.get(r.path, len(order)))
     setattr(model, _REPORT_ATTR, report)
@@ -740,14 +745,23 @@ def _rewritten_class(base: type, graph_or_stub) -> type:
     return cls
 
 
-def _placeholders(graph: torch.fx.Graph) -> Dict[str, object]:
-    out = {}
+def _placeholders(graph: torch.fx.Graph) -> nn.Module:
+    """Empty modules (and tensors) at the graph's targets: enough to generate, pickle and re-trace
+    the code, which only names them."""
+    root = nn.Module()
     for n in graph.nodes:
-        if n.op == "call_module":
-            out[n.target] = nn.Module()
-        elif n.op == "get_attr":
-            out[n.target] = torch.empty(0)
-    return out
+        if n.op in ("call_module", "get_attr"):
+            *parents, leaf = n.target.split(".")
+            cur = root
+            for p in parents:
+                if p not in cur._modules:
+                    cur._modules[p] = nn.Module()
+                cur = cur._modules[p]
+            if n.op == "get_attr":
+                cur.register_buffer(leaf, torch.empty(0))
+            elif leaf not in cur._modules:
+                cur._modules[leaf] = nn.Module()
+    return root
 
 
 def _rewritten_reduce_ex(self, protocol):

@@ -620,6 +620,10 @@ def test_module_list_elements():
     check_eval(model, conv, x)
     check_train_step(model, conv, report, x)
     check_state_dict_both_ways(model, conv, ListModel(), x)
+    buf = io.BytesIO()
+    torch.save(conv, buf)  # the rewritten forward indexes the ModuleLists: it pickles and re-traces
+    buf.seek(0)
+    check_eval(conv, torch.load(buf, weights_only=False), x)
 
 
 def test_subclasses_and_shared_modules_are_left_alone():
@@ -648,8 +652,11 @@ def test_ops_argument():
         fastnn.convert(lambda x: x)
     _, report = convert(model, ops={"attention", "cbam"})
     assert not report.replacements and report.ops == ("cbam", "attention")
-    _, report = convert(model, ops="conv_bn_relu", trace=False)
+    walked, report = convert(model, ops="conv_bn_relu", trace=False)
     assert set(r.found_by for r in report.replacements) == {"module walk"}
+    again, report2 = convert(walked)  # converting again: the rest, keys still map to the first model
+    assert found_by(report2, "ConvBNReLU2d") == {"fx": len(tut_expected(model)[0])}
+    TutResNet().load_state_dict(original_state_dict(again))
     m2, rep2 = fastnn.convert(model, return_report=True)
     assert rep2 is m2.fastnn_report
     assert "ConvBNReLU2d" in repr(rep2)
