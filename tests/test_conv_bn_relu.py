@@ -354,6 +354,23 @@ def test_reference_backend_and_selection():
     close(m(x), ref(x), "module backend='reference'")
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_functional_conv_bn_relu(training):
+    w = torch.randn(8, 6, 3, 3) * 0.2
+    cb, bw, bb = torch.randn(8), torch.rand(8) + 0.5, torch.randn(8)
+    rm, rv = torch.randn(8) * 0.1, torch.rand(8) + 0.5
+    rm2, rv2 = rm.clone(), rv.clone()
+    x = torch.randn(3, 6, 9, 8)
+    y = fastnn.functional.conv_bn_relu(x, w, cb, bw, bb, rm, rv, training, 0.2, 1e-4, stride=2, padding=1)
+    want = reference.conv_bn_relu(x, w, cb, bw, bb, rm2, rv2, training, 0.2, 1e-4, stride=2, padding=1)
+    close(y, want, "functional conv_bn_relu", 1e-4, 1e-5)
+    close(rm, rm2, "running_mean")
+    close(rv, rv2, "running_var")
+    with torch.no_grad():
+        out = fastnn.functional.conv2d_bias_relu(x, w, cb, 1, 1)
+    close(out, F.relu(F.conv2d(x, w, cb, 1, 1)), "conv2d_bias_relu", 1e-4, 1e-5)
+
+
 # ---------------------------------------------------------------- the ops against fastnn.reference
 
 def _op_inputs(shape, layout, dtype=torch.float32, affine=True, seed_shift=0.0):
