@@ -29,6 +29,12 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // inputs run on the calling thread (starting a parallel region costs more than they take)
 inline int64_t grain_for(int64_t len) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, len)); }
 
+// the same for the small conv's multiply-adds: a chunk of at least 1M of them (~0.1 ms), so the
+// maps of ResNet-sized inputs stay on one thread (a parallel region costs more on a busy machine)
+inline int64_t conv_grain(int64_t macs_per_task) {
+  return std::max<int64_t>(1, (int64_t(1) << 20) / std::max<int64_t>(1, macs_per_task));
+}
+
 // select without a conditional store: b where take, else a
 inline int32_t pick(int32_t a, int32_t b, bool take) { return a ^ ((a ^ b) & -static_cast<int32_t>(take)); }
 
@@ -424,7 +430,7 @@ void backward_input_impl(const DxArgs<scalar_t, acc_t>& A, const scalar_t* x, in
 template <typename acc_t>
 void spatial_conv_impl(const acc_t* ps, const acc_t* w, int64_t N, int64_t H, int64_t W, int64_t k, acc_t* y) {
   const int64_t r = k / 2;
-  at::parallel_for(0, N * H, grain_for(W * k * k * 2), [&](int64_t b, int64_t e) {
+  at::parallel_for(0, N * H, conv_grain(W * k * k * 2), [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
       const int64_t n = t / H, h = t % H;
       acc_t* __restrict yr = y + t * W;
@@ -450,7 +456,7 @@ void spatial_conv_backward_impl(const acc_t* dy, const acc_t* ps, const acc_t* w
                                 int64_t k, acc_t* dps, acc_t* dw) {
   const int64_t r = k / 2;
   // input gradient: dps[n, ci, h, :] = sum_{kh, kw} dy[n, h - kh + r, : - kw + r] * w[ci, kh, kw]
-  at::parallel_for(0, N * 2 * H, grain_for(W * k * k), [&](int64_t b, int64_t e) {
+  at::parallel_for(0, N * 2 * H, conv_grain(W * k * k), [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
       const int64_t h = t % H, ci = (t / H) % 2, n = t / (2 * H);
       acc_t* __restrict o = dps + t * W;
@@ -469,7 +475,7 @@ void spatial_conv_backward_impl(const acc_t* dy, const acc_t* ps, const acc_t* w
     }
   });
   // weight gradient: dw[ci, kh, kw] = sum_{n, h, w} dy[n, h, w] * ps[n, ci, h + kh - r, w + kw - r]
-  at::parallel_for(0, 2 * k * k, grain_for(N * H * W), [&](int64_t b, int64_t e) {
+  at::parallel_for(0, 2 * k * k, conv_grain(N * H * W), [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
       const int64_t kw = t % k, kh = (t / k) % k, ci = t / (k * k);
       const int64_t lo = std::max<int64_t>(0, r - kw), hi_w = std::min<int64_t>(W, W + r - kw);
