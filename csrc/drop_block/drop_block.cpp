@@ -63,12 +63,15 @@ uint64_t seed_value(const at::Tensor& seed) { return static_cast<uint64_t>(seed.
 int64_t stats_dropped(const at::Tensor& stats) { return stats.data_ptr<int64_t>()[0]; }
 int64_t stats_units(const at::Tensor& stats) { return stats.data_ptr<int64_t>()[1]; }
 
-std::tuple<at::Tensor, at::Tensor> mask_and_count(const Geometry& g, const at::Tensor& x, const at::Tensor& seed,
-                                                  double gamma) {
+// The forward into `dst` (x itself for the in-place op): (mask, stats).
+std::tuple<at::Tensor, at::Tensor> forward_into(const Geometry& g, const at::Tensor& x, const at::Tensor& dst,
+                                                const at::Tensor& seed, double gamma, bool with_noise,
+                                                bool scale_by_keep) {
   auto mask = at::empty({g.outer, g.nb}, x.options().dtype(at::kByte));
   auto stats = at::empty({2}, x.options().dtype(at::kLong));
   int64_t n = 0;
-  if (x.numel() > 0) n = build_mask_cpu(g, seed_value(seed), gamma, mask.data_ptr<uint8_t>());
+  if (x.numel() > 0)
+    n = forward_cpu(g, seed_value(seed), gamma, mask.data_ptr<uint8_t>(), x, dst, scale_by_keep, with_noise);
   stats.data_ptr<int64_t>()[0] = n;
   stats.data_ptr<int64_t>()[1] = g.N * (g.couple ? 1 : g.C) * g.D * g.H * g.W;
   return {mask, stats};
@@ -79,11 +82,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& x, cons
                                                        bool valid_only, bool with_noise, bool scale_by_keep,
                                                        bool channels_last) {
   const Geometry g = checked_geometry(x, seed, block, gamma, couple, valid_only, channels_last);
-  auto [mask, stats] = mask_and_count(g, x, seed, gamma);
   auto out = at::empty_like(x);  // keeps x's (dense) strides
-  if (x.numel() > 0)
-    apply_mask_cpu(g, x, out, mask.data_ptr<uint8_t>(), stats_units(stats), stats_dropped(stats), scale_by_keep, with_noise,
-                   seed_value(seed));
+  auto [mask, stats] = forward_into(g, x, out, seed, gamma, with_noise, scale_by_keep);
   return {out, mask, stats};
 }
 
@@ -91,11 +91,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_inplace_cpu(at::Tensor& x, const at::Tens
                                                    double gamma, bool couple, bool valid_only, bool with_noise,
                                                    bool scale_by_keep, bool channels_last) {
   const Geometry g = checked_geometry(x, seed, block, gamma, couple, valid_only, channels_last);
-  auto [mask, stats] = mask_and_count(g, x, seed, gamma);
-  if (x.numel() > 0)
-    apply_mask_cpu(g, x, x, mask.data_ptr<uint8_t>(), stats_units(stats), stats_dropped(stats), scale_by_keep, with_noise,
-                   seed_value(seed));
-  return {mask, stats};
+  return forward_into(g, x, x, seed, gamma, with_noise, scale_by_keep);
 }
 
 at::Tensor bwd_cpu(const at::Tensor& grad, const at::Tensor& mask, const at::Tensor& stats, bool scale,

@@ -93,7 +93,8 @@ class LinearScheduler(nn.Module):
     def __init__(self, dropblock: nn.Module, start_value: float, stop_value: float, nr_steps: int):
         super().__init__()
         if not hasattr(dropblock, "drop_prob"):
-            raise TypeError(f"LinearScheduler: dropblock must have a drop_prob attribute, got {type(dropblock).__name__}")
+            raise TypeError(f"LinearScheduler: dropblock must have a drop_prob attribute, "
+                            f"got {type(dropblock).__name__}")
         for n, v in (("start_value", start_value), ("stop_value", stop_value)):
             if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 <= v <= 1:
                 raise ValueError(f"LinearScheduler: {n} must be a number in [0, 1], got {v!r}")

@@ -51,9 +51,8 @@ def _check_args(input, nd: int, drop_prob, block_size, gamma_scale, generator, n
         raise TypeError(f"{name}: input must be a torch.Tensor, got {type(input).__name__}")
     if input.dim() != nd + 2:
         shape = {1: "(N, C, L)", 2: "(N, C, H, W)", 3: "(N, C, D, H, W)"}[nd]
-        raise ValueError(f"{name}: input must be {shape} ({nd + 2}-D), got shape {tuple(input.shape)}; "
-                         f"use drop_block{input.dim() - 2}d for {input.dim()}-D inputs" if 3 <= input.dim() <= 5
-                         else f"{name}: input must be {shape} ({nd + 2}-D), got shape {tuple(input.shape)}")
+        hint = f"; use drop_block{input.dim() - 2}d for {input.dim()}-D inputs" if 3 <= input.dim() <= 5 else ""
+        raise ValueError(f"{name}: input must be {shape} ({nd + 2}-D), got shape {tuple(input.shape)}{hint}")
     if input.dtype not in _FLOAT:
         raise TypeError(f"{name}: input must be float16, bfloat16, float32 or float64, got {input.dtype}; "
                         f"convert it with .float()")
@@ -263,8 +262,9 @@ if backends.triton_available() is None:
 
 # ---------------------------------------------------------------- functional API
 
-def _prepare(input, nd, drop_prob, block_size, gamma_scale, generator, name):
-    _check_args(input, nd, drop_prob, block_size, gamma_scale, generator, name)
+def _prepare(input, nd, drop_prob, block_size, gamma_scale, generator, name, checked=False):
+    if not checked:
+        _check_args(input, nd, drop_prob, block_size, gamma_scale, generator, name)
     block = reference.drop_block_clip(_block_tuple(block_size, nd, name), input.shape[2:])
     gamma = reference.drop_block_gamma(float(drop_prob), float(gamma_scale), input.shape[2:], block) \
         if input.numel() > 0 else 0.0
@@ -276,7 +276,7 @@ def _drop_block(input, nd, drop_prob, block_size, gamma_scale, with_noise, coupl
     _check_args(input, nd, drop_prob, block_size, gamma_scale, generator, name)
     if not training or float(drop_prob) == 0.0 or input.numel() == 0:
         return input
-    block, gamma = _prepare(input, nd, drop_prob, block_size, gamma_scale, generator, name)
+    block, gamma = _prepare(input, nd, drop_prob, block_size, gamma_scale, generator, name, checked=True)
     b = backends.select(OP, input.device, backend)
     if b == "reference":
         out = reference.drop_block(input, float(drop_prob), block, float(gamma_scale), bool(with_noise),

@@ -1,4 +1,4 @@
-// DropBlock CPU kernels (OpenMP through at::parallel_for).
+// DropBlock CPU kernels (OpenMP: at::parallel_for, and one two-phase region for the forward).
 //
 // Seeds: each seed plane (one per (n, c), or per n when channels are coupled) has its own
 // counter-based stream keyed by (seed, plane), so the result does not depend on the thread
@@ -11,6 +11,9 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -19,6 +22,7 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "drop_block/drop_block_math.h"
@@ -193,16 +197,22 @@ Geometry make_geometry(const at::Tensor& x, c10::IntArrayRef block, bool couple_
   return g;
 }
 
-int64_t build_mask_cpu(const Geometry& g, uint64_t seed, double gamma, uint8_t* mask) {
+namespace {
+
+// Tasks of the mask build: (n, c) planes (contiguous) or (n, 8-channel group) byte columns.
+int64_t mask_tasks(const Geometry& g) { return g.channels_last ? g.N * g.nb : g.N * g.C; }
+
+// Builds the mask of tasks [b, e) (serial); returns their dropped count.
+int64_t build_mask_range(const Geometry& g, uint64_t seed, double gamma, uint8_t* mask, int64_t b, int64_t e) {
   const int64_t plane = g.D * g.H * g.W;
-  std::atomic<int64_t> dropped{0};
+  int64_t dropped = 0;
   auto key_of = [&](int64_t n, int64_t c) { return g.couple ? n : n * g.C + c; };
   if (!g.channels_last) {
     // one task per (n, c) plane; its rows are mask rows [(n*C + c)*D*H, +D*H). Sparse planes
     // clear their blocks' bits straight in the mask rows; dense ones go through a byte plane.
-    const int64_t nplanes = g.N * g.C, rows = g.D * g.H, bytes = rows * g.nb;
+    const int64_t rows = g.D * g.H, bytes = rows * g.nb;
     const uint8_t last = static_cast<uint8_t>(g.W % 8 == 0 ? 0xFF : (1u << (g.W % 8)) - 1);
-    at::parallel_for(0, nplanes, std::max<int64_t>(1, 4096 / std::max<int64_t>(plane, 1)), [&](int64_t b, int64_t e) {
+    {
       PlaneWork w;
       const uint8_t* prev = nullptr;
       int64_t prev_key = -1, prev_n = 0, local = 0;
@@ -248,11 +258,10 @@ int64_t build_mask_cpu(const Geometry& g, uint64_t seed, double gamma, uint8_t* 
         if (!g.couple || p % g.C == 0) local += prev_n;  // count each seed plane once
       }
       dropped += local;
-    });
+    }
   } else {
     // one task per (n, group of 8 channels) = one byte column of the mask
-    const int64_t units = g.N * g.nb;
-    at::parallel_for(0, units, 1, [&](int64_t b, int64_t e) {
+    {
       PlaneWork w;
       std::vector<uint8_t> drop(8 * plane);
       int64_t local = 0, prev_key = -1, prev_cnt = 0;
@@ -281,8 +290,50 @@ int64_t build_mask_cpu(const Geometry& g, uint64_t seed, double gamma, uint8_t* 
         }
       }
       dropped += local;
-    });
+    }
   }
+  return dropped;
+}
+
+// Splits [0, n) evenly over the threads of a parallel region.
+std::pair<int64_t, int64_t> share(int64_t n, int t, int nt) {
+  const int64_t c = (n + nt - 1) / nt;
+  return {std::min(n, t * c), std::min(n, (t + 1) * c)};
+}
+
+// Runs fa over [0, na), then (after all of it) fb over [0, nb), in ONE OpenMP region: the
+// forward's mask build and apply share a region (a region costs a thread wake-up, which is
+// slow when another process holds the core). Serial for small work or nested calls.
+template <class FA, class FB>
+void two_phase(int64_t na, int64_t nb, int64_t work, FA&& fa, FB&& fb) {
+  const int nt = at::get_num_threads();
+  if (nt <= 1 || work < 32768 || at::in_parallel_region()) {
+    fa(0, na);
+    fb(0, nb);
+    return;
+  }
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nt)
+  {
+    const int t = omp_get_thread_num(), T = omp_get_num_threads();
+    const auto a = share(na, t, T);
+    if (a.first < a.second) fa(a.first, a.second);
+#pragma omp barrier
+    const auto b = share(nb, t, T);
+    if (b.first < b.second) fb(b.first, b.second);
+  }
+#else
+  fa(0, na);
+  fb(0, nb);
+#endif
+}
+
+}  // namespace
+
+int64_t build_mask_cpu(const Geometry& g, uint64_t seed, double gamma, uint8_t* mask) {
+  const int64_t tasks = mask_tasks(g);
+  std::atomic<int64_t> dropped{0};
+  at::parallel_for(0, tasks, 1, [&](int64_t b, int64_t e) { dropped += build_mask_range(g, seed, gamma, mask, b, e); });
   return dropped.load();
 }
 
@@ -302,43 +353,51 @@ int64_t noise_index(const Geometry& g, int64_t o, int64_t j) {
   return (n * g.C + j) * sp + s;
 }
 
-template <typename scalar_t>
-void apply_rows(const Geometry& g, const scalar_t* src, scalar_t* dst, const uint8_t* mask, float s, bool noise,
-                uint64_t noise_key) {
-  const int64_t outer = g.outer, inner = g.inner, nb = g.nb;
-  using opmath_t = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
+template <typename opmath_t>
+struct Lut {
   // lut[byte] = the 8 multipliers of a mask byte: the inner loop becomes a plain vector multiply
-  alignas(64) opmath_t lut[256][8];
-  for (int b = 0; b < 256; ++b)
-    for (int k = 0; k < 8; ++k) lut[b][k] = ((b >> k) & 1) ? static_cast<opmath_t>(s) : opmath_t(0);
-  at::parallel_for(0, outer, std::max<int64_t>(1, 16384 / std::max<int64_t>(inner, 1)), [&](int64_t b, int64_t e) {
-    std::vector<opmath_t> row(nb * 8);
-    opmath_t* mult = row.data();
-    for (int64_t o = b; o < e; ++o) {
-      const scalar_t* x = src + o * inner;
-      scalar_t* y = dst + o * inner;
-      const uint8_t* m = mask + o * nb;
-      if (!noise) {
-        // expand the row's multipliers, then one straight loop the compiler vectorizes
-        // (x and y may alias, elementwise, which this loop allows)
-        for (int64_t jb = 0; jb < nb; ++jb) std::memcpy(mult + jb * 8, lut[m[jb]], 8 * sizeof(opmath_t));
-        for (int64_t j = 0; j < inner; ++j) y[j] = static_cast<scalar_t>(static_cast<opmath_t>(x[j]) * mult[j]);
-      } else {
-        // timm: x * keep + noise * (1 - keep), no rescaling
-        for (int64_t j = 0; j < inner; ++j) {
-          const bool keep = (m[j >> 3] >> (j & 7)) & 1u;
-          const opmath_t xv = static_cast<opmath_t>(x[j]);
-          if (keep) {
-            y[j] = static_cast<scalar_t>(xv);
-          } else {
-            const uint64_t idx = static_cast<uint64_t>(noise_index(g, o, j));
-            const opmath_t z = static_cast<opmath_t>(normal_from_bits(mix64(noise_key + (idx + 1) * kGolden)));
-            y[j] = static_cast<scalar_t>(xv * opmath_t(0) + z);
-          }
+  alignas(64) opmath_t v[256][8];
+  explicit Lut(float s) {
+    for (int b = 0; b < 256; ++b)
+      for (int k = 0; k < 8; ++k) v[b][k] = ((b >> k) & 1) ? static_cast<opmath_t>(s) : opmath_t(0);
+  }
+};
+
+template <typename scalar_t>
+using opmath_of = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
+
+// dst rows [o0, o1) = src * keep * s (serial), or with noise in the dropped units.
+template <typename scalar_t>
+void apply_range(const Geometry& g, const scalar_t* src, scalar_t* dst, const uint8_t* mask,
+                 const Lut<opmath_of<scalar_t>>& lut, bool noise, uint64_t noise_key, int64_t o0, int64_t o1) {
+  using opmath_t = opmath_of<scalar_t>;
+  const int64_t inner = g.inner, nb = g.nb;
+  std::vector<opmath_t> row(nb * 8);
+  opmath_t* mult = row.data();
+  for (int64_t o = o0; o < o1; ++o) {
+    const scalar_t* x = src + o * inner;
+    scalar_t* y = dst + o * inner;
+    const uint8_t* m = mask + o * nb;
+    if (!noise) {
+      // expand the row's multipliers, then one straight loop the compiler vectorizes
+      // (x and y may alias, elementwise, which this loop allows)
+      for (int64_t jb = 0; jb < nb; ++jb) std::memcpy(mult + jb * 8, lut.v[m[jb]], 8 * sizeof(opmath_t));
+      for (int64_t j = 0; j < inner; ++j) y[j] = static_cast<scalar_t>(static_cast<opmath_t>(x[j]) * mult[j]);
+    } else {
+      // timm: x * keep + noise * (1 - keep), no rescaling
+      for (int64_t j = 0; j < inner; ++j) {
+        const bool keep = (m[j >> 3] >> (j & 7)) & 1u;
+        const opmath_t xv = static_cast<opmath_t>(x[j]);
+        if (keep) {
+          y[j] = static_cast<scalar_t>(xv);
+        } else {
+          const uint64_t idx = static_cast<uint64_t>(noise_index(g, o, j));
+          const opmath_t z = static_cast<opmath_t>(normal_from_bits(mix64(noise_key + (idx + 1) * kGolden)));
+          y[j] = static_cast<scalar_t>(xv * opmath_t(0) + z);
         }
       }
     }
-  });
+  }
 }
 
 }  // namespace
@@ -348,9 +407,35 @@ void apply_mask_cpu(const Geometry& g, const at::Tensor& src, const at::Tensor& 
   const float s = (scale && !noise) ? keep_scale(units, dropped) : 1.0f;
   const uint64_t noise_key = stream_key(seed, 0, kNoiseSalt);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "drop_block_apply_cpu", [&] {
-    apply_rows<scalar_t>(g, src.const_data_ptr<scalar_t>(), dst.mutable_data_ptr<scalar_t>(), mask, s, noise,
-                         noise_key);
+    const Lut<opmath_of<scalar_t>> lut(s);
+    const scalar_t* x = src.const_data_ptr<scalar_t>();
+    scalar_t* y = dst.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, g.outer, std::max<int64_t>(1, 16384 / std::max<int64_t>(g.inner, 1)), [&](int64_t b, int64_t e) {
+      apply_range<scalar_t>(g, x, y, mask, lut, noise, noise_key, b, e);
+    });
   });
+}
+
+int64_t forward_cpu(const Geometry& g, uint64_t seed, double gamma, uint8_t* mask, const at::Tensor& src,
+                    const at::Tensor& dst, bool scale, bool noise) {
+  const int64_t units = g.N * (g.couple ? 1 : g.C) * g.D * g.H * g.W;
+  const uint64_t noise_key = stream_key(seed, 0, kNoiseSalt);
+  std::atomic<int64_t> dropped{0};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "drop_block_forward_cpu", [&] {
+    using opmath_t = opmath_of<scalar_t>;
+    const scalar_t* x = src.const_data_ptr<scalar_t>();
+    scalar_t* y = dst.mutable_data_ptr<scalar_t>();
+    two_phase(
+        mask_tasks(g), g.outer, src.numel(),
+        [&](int64_t b, int64_t e) { dropped += build_mask_range(g, seed, gamma, mask, b, e); },
+        [&](int64_t b, int64_t e) {
+          // after the barrier: every thread derives the same scale from the total
+          const float s = (scale && !noise) ? keep_scale(units, dropped.load()) : 1.0f;
+          const Lut<opmath_t> local(s);
+          apply_range<scalar_t>(g, x, y, mask, local, noise, noise_key, b, e);
+        });
+  });
+  return dropped.load();
 }
 
 void seeds_cpu(const Geometry& g, uint64_t seed, double gamma, uint8_t* out) {

@@ -33,6 +33,11 @@ int64_t build_mask_cpu(const Geometry& g, uint64_t seed, double gamma, uint8_t* 
 void apply_mask_cpu(const Geometry& g, const at::Tensor& src, const at::Tensor& dst, const uint8_t* mask,
                     int64_t units, int64_t dropped, bool scale, bool noise, uint64_t seed);
 
+// The whole forward (build_mask_cpu, then apply_mask_cpu with the resulting count) in one
+// OpenMP region. Returns the dropped count; dst may alias src.
+int64_t forward_cpu(const Geometry& g, uint64_t seed, double gamma, uint8_t* mask, const at::Tensor& src,
+                    const at::Tensor& dst, bool scale, bool noise);
+
 // The seeds the forward with the same `seed` draws: uint8 [N, couple ? 1 : C, D, H, W].
 void seeds_cpu(const Geometry& g, uint64_t seed, double gamma, uint8_t* out);
 
