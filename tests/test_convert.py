@@ -660,3 +660,54 @@ def test_ops_argument():
     m2, rep2 = fastnn.convert(model, return_report=True)
     assert rep2 is m2.fastnn_report
     assert "ConvBNReLU2d" in repr(rep2)
+
+
+# ----------------------------------------------------------------------------- CUDA (GPU machine)
+
+@pytest.fixture
+def no_tf32():
+    """fp32 comparisons on the GPU: TF32 convs/matmuls would differ at ~1e-3 between any two
+    summation orders (here: BN folded into the conv weight vs applied after)."""
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@pytest.mark.cuda
+@needs_tv
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cuda_resnet18(no_tf32, channels_last):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = torchvision.models.resnet18(num_classes=10).cuda().to(memory_format=fmt)
+    conv, report = convert(model)
+    assert_counts(report, tv_expected(model)[0])
+    x = torch.randn(4, 3, 64, 64, device="cuda").contiguous(memory_format=fmt)
+    check_eval(model, conv, x)
+    check_train_step(model, conv, report, x)
+
+
+@pytest.mark.cuda
+@needs_timm
+def test_cuda_timm_resnet50_cbam_dropblock(no_tf32):
+    model = timm.create_model("resnet50", drop_block_rate=0.1, block_args=dict(attn_layer="cbam"),
+                              num_classes=10).cuda()
+    conv, report = convert(model)
+    assert report.counts()["CBAM"] == 16 and report.counts()["DropBlock2d"] == 9 and not report.skipped
+    x = torch.randn(4, 3, 64, 64, device="cuda")
+    check_eval(model, conv, x)
+    for m in list(model.modules()) + list(conv.modules()):
+        if isinstance(m, (TimmDropBlock2d, fnn.DropBlock2d)):
+            m.drop_prob = 0.0
+    check_train_step(model, conv, report, x)
+
+
+@pytest.mark.cuda
+def test_cuda_transformer_encoder(no_tf32):
+    layer = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).cuda()
+    conv, report = convert(model)
+    assert_counts(report, {"MultiheadAttention": 2})
+    x = torch.randn(4, 33, 64, device="cuda")
+    check_eval(model, conv, x)
+    check_train_step(model, conv, report, x)
