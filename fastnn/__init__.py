@@ -16,3 +16,5 @@ from fastnn import functional  # noqa: F401
 from fastnn import nn  # noqa: F401
 from fastnn.info import info  # noqa: F401
 from fastnn.ops.flash_attention import patch_sdpa, unpatch_sdpa  # noqa: F401
+from fastnn.conversion import convert  # noqa: F401  (fastnn.convert(model): swap fastnn modules in)
+from fastnn.conversion import ConversionReport  # noqa: F401
