@@ -26,3 +26,13 @@ def noncontig(t: torch.Tensor) -> torch.Tensor:
     out = buf[..., ::2]
     assert not out.is_contiguous()
     return out.requires_grad_(t.requires_grad)
+
+
+def fastnn_home() -> str:
+    """The folder holding the fastnn package these tests imported (site-packages after
+    `pip install .`, the checkout for an in-place build). Subprocesses run there, so they import
+    the same fastnn, never the source tree's unbuilt copy."""
+    import os
+
+    import fastnn
+    return os.path.dirname(os.path.dirname(os.path.abspath(fastnn.__file__)))

@@ -10,6 +10,7 @@ import textwrap
 import pytest
 
 from fastnn.bench import chart as chart_mod
+from helpers import fastnn_home
 from fastnn.bench import peaks as peaks_mod
 from fastnn.bench.__main__ import main as bench_main
 from fastnn.bench.report import build_rows, load_results, merge_results, summarize, write_report
@@ -242,7 +243,7 @@ def test_bench_package_is_light():
     code = ("import sys, fastnn.bench, fastnn.bench.peaks, fastnn.bench.chart; "
             "bad = [m for m in ('matplotlib', 'timm', 'torchvision') if m in sys.modules]; "
             "assert not bad, bad")
-    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    p = subprocess.run([sys.executable, "-c", code], cwd=fastnn_home(), capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
 
 

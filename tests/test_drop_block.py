@@ -531,8 +531,9 @@ def test_triton_kernels_compile_for_sm90():
     code = ("from fastnn.triton_kernels.drop_block import compile_check\n"
             "f = compile_check(90)\n"
             "print('\\n'.join(map(str, f)) or 'ALL COMPILED')\n")
+    from helpers import fastnn_home
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
-                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                       cwd=fastnn_home())
     assert r.returncode == 0 and "ALL COMPILED" in r.stdout, r.stdout[-4000:] + r.stderr[-4000:]
 
 

@@ -18,7 +18,7 @@ import fastnn
 from fastnn import backends, reference
 from fastnn.functional import flash_attn_func, scaled_dot_product_attention
 from fastnn.ops import flash_attention as fa
-from helpers import HAS_CUDA, assert_lowp_close, noncontig
+from helpers import HAS_CUDA, assert_lowp_close, fastnn_home, noncontig
 
 OP = "flash_attention"
 HAS_TRITON = backends.triton_available() is None
@@ -443,14 +443,13 @@ def test_kernels_compile_for_sm90_with_inductor_scalar_types():
             "f = compile_check(90)\n"
             "print('\\n'.join(map(str, f)) or 'ALL COMPILED')\n")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900,
-                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                       cwd=fastnn_home())
     assert r.returncode == 0 and "ALL COMPILED" in r.stdout, r.stdout[-6000:] + r.stderr[-4000:]
 
 
 def test_import_does_not_load_triton():
     code = "import sys, fastnn; print('triton' in sys.modules, 'torch._dynamo' in sys.modules)"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd()] + sys.path))
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=fastnn_home())
     assert r.returncode == 0, r.stderr
     assert r.stdout.split()[-2:] == ["False", "False"], r.stdout
 

@@ -8,6 +8,7 @@ import torch
 
 import fastnn
 from fastnn import _ext, backends
+from helpers import fastnn_home
 
 
 def test_extension_loads_and_matches_torch():
@@ -27,7 +28,8 @@ def test_build_info_op_through_dispatcher():
 
 
 def test_info_lists_ops_and_reasons():
-    out = subprocess.run([sys.executable, "-m", "fastnn", "info"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-m", "fastnn", "info"], capture_output=True, text=True, check=True,
+                         cwd=fastnn_home()).stdout
     assert f"torch {torch.__version__}" in out
     for op in backends.ops():
         assert op in out
