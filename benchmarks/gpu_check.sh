@@ -150,6 +150,13 @@ else
       "${PYP[@]}" -m pytest "$f" --benchmark-only --benchmark-json="$TMP/$op.json" -q -rfE -p no:cacheprovider \
       $FULL "${KEXPR[@]}"
   done
+  # issue 8's example: a converted torchvision resnet50 against the original, same run
+  EXAMPLE_TXT=""
+  if [ -f examples/convert_resnet.py ]; then
+    run_step "example convert_resnet" "$(min 120 $(( $(left) - RESERVE - 20 )))" "$BENCH_LOG" \
+      "${PYP[@]}" examples/convert_resnet.py
+    EXAMPLE_TXT=$(sed -n '/=== example convert_resnet/,$p' "$BENCH_LOG" | grep -E "speedup|error|resnet50" | tail -n 4)
+  fi
   jsons=("$TMP"/bench_*.json)
   if [ ${#jsons[@]} -gt 0 ]; then
     "${PYP[@]}" -m fastnn.bench merge "${jsons[@]}" --out "$DIR/$NAME.json" --commit "$COMMIT" >>"$BENCH_LOG" 2>&1 \
@@ -194,6 +201,7 @@ done
   if [ -n "$fails" ]; then
     echo; echo "failures ($(echo "$fails" | wc -l), first 15):"; echo "$fails" | head -n 15
   fi
+  [ -n "${EXAMPLE_TXT:-}" ] && echo && echo "examples/convert_resnet.py:" && echo "$EXAMPLE_TXT"
   if [ -n "$REPORT_TXT" ]; then echo; echo "speedup of fastnn over each reference (per op):"; echo "$REPORT_TXT" | sed '$d'; fi
   echo
   [ $FAILED -eq 0 ] && echo "ALL STEPS OK" || echo "SOME STEPS FAILED (exit 1): see the logs in $DIR"
