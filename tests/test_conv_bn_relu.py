@@ -512,6 +512,80 @@ def test_opcheck(i):
     bg = b.clone().requires_grad_() if b is not None else None
     torch.library.opcheck(OPS.bn_relu_train.default, (xg, wg, bg, 1e-5, True))
     torch.library.opcheck(OPS.bn_relu_apply.default, (xg, mean, var, wg, bg, 1e-5, False))
+    C = x.shape[1]
+    nbt = torch.tensor(3) if i % 2 else None
+    torch.library.opcheck(OPS.bn_relu_update_running.default,
+                          (torch.randn(C, dtype=x.dtype), torch.rand(C, dtype=x.dtype) + 0.5, nbt, mean, var,
+                           float(x.numel() // C), 0.1))
+
+
+@pytest.mark.parametrize("running_dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("with_counter", [False, True])
+def test_update_running_op(running_dtype, with_counter):
+    """BatchNorm's bookkeeping in one op: r <- (1 - m) r + m * batch, unbiased running_var, counter + 1."""
+    C, count, m = 6, 35.0, 0.3
+    mean, var = torch.randn(C), torch.rand(C) + 0.1
+    rm, rv = torch.randn(C, dtype=running_dtype), torch.rand(C, dtype=running_dtype) + 0.5
+    want_m = ((1 - m) * rm.double() + m * mean.double()).to(running_dtype)
+    want_v = ((1 - m) * rv.double() + m * var.double() * count / (count - 1)).to(running_dtype)
+    nbt = torch.tensor(4) if with_counter else None
+    versions = rm._version, rv._version
+    OPS.bn_relu_update_running(rm, rv, nbt, mean, var, count, m)
+    tol = 1e-3 if running_dtype == torch.float16 else 1e-6
+    close(rm, want_m, "running_mean", tol, tol)
+    close(rv, want_v, "running_var", tol, tol)
+    assert rm._version > versions[0] and rv._version > versions[1]  # the fold cache watches these
+    if with_counter:
+        assert int(nbt) == 5
+    with pytest.raises(ValueError, match="count"):
+        OPS.bn_relu_update_running(rm, rv, None, mean, var, 1.0, m)
+    with pytest.raises(ValueError, match="running_var must have shape"):
+        OPS.bn_relu_update_running(rm, torch.ones(C + 1), None, mean, var, count, m)
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_eager_fast_path_matches_batchnorm(grad):
+    """The eager path (autograd.Function, ops below the autograd key, one C++ op for the running statistics
+    and num_batches_tracked): same outputs, buffers and counter as nn.BatchNorm2d, with and without autograd."""
+    ref, m = make_pair(cin=4, cout=5, momentum=0.2)
+    for step in range(3):
+        x = torch.randn(3, 4, 6, 5)
+        with torch.set_grad_enabled(grad):
+            yr, ym = ref(x), m(x)
+        close(ym, yr, f"step {step} output")
+        if grad:
+            assert "_BNReLUTrain" in type(ym.grad_fn).__name__
+        for (n, br), bm in zip(ref.named_buffers(), m.buffers()):
+            close(bm, br, f"step {step} buffer {n}")
+    assert int(m.bn.num_batches_tracked) == 3
+    # the functional API, without a counter
+    x = torch.randn(4, 5, 3, 3)
+    rm, rv = torch.randn(5), torch.rand(5) + 0.5
+    rm2, rv2 = rm.clone(), rv.clone()
+    with torch.set_grad_enabled(grad):
+        y = fastnn.functional.batch_norm_relu(x, rm, rv, training=True, momentum=0.4)
+    close(y, F.relu(F.batch_norm(x, rm2, rv2, training=True, momentum=0.4)), "functional output")
+    close(rm, rm2, "functional running_mean")
+    close(rv, rv2, "functional running_var")
+
+
+def test_auto_backend_cache_follows_requests(monkeypatch):
+    """The cached automatic choice never hides use_backend / FASTNN_BACKEND / backend= requests."""
+    ref, m = make_pair()
+    x = torch.randn(2, 6, 7, 5)
+    m(x)
+    assert fastnn.backends.last_choice("conv_bn_relu")[0] == "cpu"
+    with fastnn.use_backend("reference"):
+        m(x)
+    assert fastnn.backends.last_choice("conv_bn_relu")[0] == "reference"
+    m(x)
+    assert fastnn.backends.last_choice("conv_bn_relu")[0] == "cpu"
+    monkeypatch.setenv("FASTNN_BACKEND", "conv_bn_relu=reference")
+    m(x)
+    assert fastnn.backends.last_choice("conv_bn_relu")[0] == "reference"
+    monkeypatch.delenv("FASTNN_BACKEND")
+    with pytest.raises(RuntimeError, match="cannot run"):
+        fastnn.functional.batch_norm_relu(x, None, None, training=True, backend="cuda")
 
 
 # ---------------------------------------------------------------- low precision, autocast

@@ -7,6 +7,7 @@
 //   bn_relu_train(x, w, b, ..)              -> (y, mean, var)    the two above in one call
 //   bn_relu_backward(dy, x, mean, var, ..)  -> (dx, dw, db)      training backward, ReLU mask fused
 //   bn_relu_backward_reduce / _elemt        the two halves of it (SyncBatchNorm all-reduces between)
+//   bn_relu_update_running(rm, rv, nbt, ..)  -> ()               BatchNorm's running-statistics bookkeeping
 //
 // Statistics are float32 (float64 for float64 input) whatever the activation dtype; var is the
 // biased batch variance. Activations may be contiguous (N, C, *) or 4-D channels_last: the
@@ -264,6 +265,45 @@ std::tuple<Tensor, Tensor, Tensor> bn_relu_backward(const Tensor& grad_out, cons
   return {dx, to_dtype_of(grad_weight, weight), to_dtype_of(sum_dz, bias)};
 }
 
+// BatchNorm's bookkeeping after a training batch, in place: running_mean and running_var move towards
+// the batch statistics, r <- r + momentum * (batch - r) (= (1 - momentum) r + momentum batch), with the
+// unbiased variance var * count / (count - 1) for running_var; num_batches_tracked, when given, += 1.
+// It runs every training step: one call from Python here instead of several small Python-level ops
+// saves host time, which is what bounds a training step on a fast GPU. ATen ops do the work (two or
+// three tiny launches on CUDA; in-place ops, so the buffers' version counters move, which the modules'
+// folded-weight cache relies on).
+void bn_relu_update_running(const Tensor& running_mean, const Tensor& running_var,
+                            const OptTensor& num_batches_tracked, const Tensor& mean, const Tensor& var,
+                            double count, double momentum) {
+  TORCH_CHECK_VALUE(mean.dim() == 1, "mean must be 1-D (one value per channel), got shape ", mean.sizes());
+  check_floating(mean, "mean");
+  TORCH_CHECK_VALUE(var.sizes() == mean.sizes() && var.scalar_type() == mean.scalar_type(),
+                    "var must match mean (shape ", mean.sizes(), ", ", mean.scalar_type(), "), got shape ",
+                    var.sizes(), ", ", var.scalar_type());
+  check_same_device(var, "var", mean, "mean");
+  auto check_running = [&](const Tensor& t, const char* name) {
+    TORCH_CHECK_VALUE(t.defined(), name, " must be a tensor");
+    TORCH_CHECK_VALUE(t.sizes() == mean.sizes(), name, " must have shape ", mean.sizes(),
+                      " (one value per channel), got ", t.sizes());
+    check_floating(t, name);
+    check_same_device(t, name, mean, "mean");
+  };
+  check_running(running_mean, "running_mean");
+  check_running(running_var, "running_var");
+  TORCH_CHECK_VALUE(count > 1, "count (values per channel in the batch) must be > 1 for the unbiased variance, "
+                    "got ", count);
+  const bool nbt = num_batches_tracked.has_value() && num_batches_tracked->defined();
+  if (nbt) {
+    check_same_device(*num_batches_tracked, "num_batches_tracked", mean, "mean");
+    TORCH_CHECK_VALUE(num_batches_tracked->numel() == 1, "num_batches_tracked must have one element, got shape ",
+                      num_batches_tracked->sizes());
+  }
+  const Tensor unbiased = var * (count / (count - 1));
+  at::_foreach_lerp_({running_mean, running_var},
+                     {mean.to(running_mean.scalar_type()), unbiased.to(running_var.scalar_type())}, momentum);
+  if (nbt) num_batches_tracked->add_(1);
+}
+
 }  // namespace
 }  // namespace cbr
 }  // namespace fastnn
@@ -280,6 +320,8 @@ TORCH_LIBRARY_FRAGMENT(fastnn, m) {
         " Tensor? bias, Tensor sum_dz, Tensor sum_dz_xmu, float count, float eps, bool relu) -> Tensor");
   m.def("bn_relu_backward(Tensor grad_out, Tensor input, Tensor mean, Tensor var, Tensor? weight, Tensor? bias,"
         " float eps, bool relu) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+  m.def("bn_relu_update_running(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor(c!)? num_batches_tracked,"
+        " Tensor mean, Tensor var, float count, float momentum) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fastnn, CPU, m) {
@@ -290,6 +332,7 @@ TORCH_LIBRARY_IMPL(fastnn, CPU, m) {
   m.impl("bn_relu_backward_reduce", &bn_relu_backward_reduce);
   m.impl("bn_relu_backward_elemt", &bn_relu_backward_elemt);
   m.impl("bn_relu_backward", &bn_relu_backward);
+  m.impl("bn_relu_update_running", &bn_relu_update_running);
 }
 
 #ifdef FASTNN_WITH_CUDA
@@ -301,5 +344,6 @@ TORCH_LIBRARY_IMPL(fastnn, CUDA, m) {
   m.impl("bn_relu_backward_reduce", &bn_relu_backward_reduce);
   m.impl("bn_relu_backward_elemt", &bn_relu_backward_elemt);
   m.impl("bn_relu_backward", &bn_relu_backward);
+  m.impl("bn_relu_update_running", &bn_relu_update_running);
 }
 #endif

@@ -109,32 +109,34 @@ class _ConvBNBase(nn.Module):
         self._fold = None
 
     # -- eval: BN folded into the conv, cached until a parameter or buffer changes
-    def _fold_tensors(self):
-        c, b = self.conv, self.bn
-        return (c.weight, c.bias, b.running_mean, b.running_var, b.weight, b.bias)
-
-    def _folded(self, differentiable: bool):
-        c, b = self.conv, self.bn
-        ts = self._fold_tensors()
-        if differentiable or torch.compiler.is_compiling() or any(t is not None and t.is_inference() for t in ts):
-            return _ops.fold_conv_bn(c.weight, c.bias, b.running_mean, b.running_var, b.eps, b.weight, b.bias)
-        # in-place updates (optimizer steps, load_state_dict) bump _version; new tensors change data_ptr
-        key = tuple(None if t is None else (t._version, t.data_ptr(), t.dtype, t.device, tuple(t.shape))
-                    for t in ts) + (float(b.eps),)
+    def _folded(self, c, b, ts, differentiable: bool):
+        """The folded (weight, bias). `ts` = (conv weight, conv bias, running_mean, running_var, bn weight,
+        bn bias), fetched once by the caller (module attribute lookups are slow on this per-call path)."""
+        if differentiable or torch.compiler.is_compiling():
+            return _ops.fold_conv_bn(ts[0], ts[1], ts[2], ts[3], b.eps, ts[4], ts[5])
+        # In-place updates (optimizer steps, load_state_dict) bump _version; new tensors change data_ptr.
+        # One flat list, built without generators: this runs on every eval call.
+        key = [b.eps]
+        for t in ts:
+            if t is None:
+                key.append(None)
+                continue
+            if t.is_inference():  # no version counter to watch: fold every call
+                return _ops.fold_conv_bn(ts[0], ts[1], ts[2], ts[3], b.eps, ts[4], ts[5])
+            key += (t._version, t.data_ptr(), t.dtype, t.device, t.shape)
         if key != self._fold_key:
             with torch.no_grad():
-                self._fold = _ops.fold_conv_bn(c.weight, c.bias, b.running_mean, b.running_var, b.eps, b.weight,
-                                               b.bias)
+                self._fold = _ops.fold_conv_bn(ts[0], ts[1], ts[2], ts[3], b.eps, ts[4], ts[5])
             self._fold_key = key
         return self._fold
 
-    def _eval_forward(self, input: Tensor) -> Tensor:
-        c = self.conv
+    def _eval_forward(self, input: Tensor, c: nn.Conv2d, bn: nn.BatchNorm2d) -> Tensor:
         if _ops._backend(input, self.backend) == "reference":
             return self._reference_forward(input)
-        needs_grad = torch.is_grad_enabled() and (input.requires_grad or
-                                                  any(p.requires_grad for p in self.parameters()))
-        w, bias = self._folded(differentiable=needs_grad)
+        ts = (c.weight, c.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias)
+        needs_grad = torch.is_grad_enabled() and (input.requires_grad or any(
+            ts[i] is not None and ts[i].requires_grad for i in (0, 1, 4, 5)))
+        w, bias = self._folded(c, bn, ts, differentiable=needs_grad)
         padding = c.padding
         if c.padding_mode != "zeros":
             input = nn.functional.pad(input, c._reversed_padding_repeated_twice, mode=c.padding_mode)
@@ -150,25 +152,36 @@ class _ConvBNBase(nn.Module):
             raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
         if input.dim() != 4:  # BatchNorm2d's check and message
             raise ValueError(f"expected 4D input (got {input.dim()}D input)")
-        bn = self.bn
         if self.backend == "reference":
             return self._reference_forward(input)
-        # BatchNorm2d.forward's bookkeeping, verbatim in effect
-        eaf = 0.0 if bn.momentum is None else bn.momentum
-        if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-            bn.num_batches_tracked.add_(1)
-            eaf = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-        bn_training = bn.training or (bn.running_mean is None and bn.running_var is None)
-        if not bn_training:
-            return self._eval_forward(input)
-        running_mean = bn.running_mean if not bn.training or bn.track_running_stats else None
-        running_var = bn.running_var if not bn.training or bn.track_running_stats else None
+        bn = self.bn
+        training = bn.training
+        if not training and not (bn.running_mean is None and bn.running_var is None):
+            return self._eval_forward(input, self.conv, bn)
+        # BatchNorm2d.forward's bookkeeping, in effect. With a momentum, num_batches_tracked is incremented
+        # by the same C++ call that updates the running statistics (cheap on the host); the cumulative
+        # average (momentum=None) needs the new count on the host first, as BatchNorm2d does.
+        track = training and bn.track_running_stats
+        nbt = bn.num_batches_tracked if track else None
+        if bn.momentum is None:
+            eaf = 0.0
+            if nbt is not None:
+                nbt.add_(1)
+                eaf = 1.0 / float(nbt)
+                nbt = None
+        else:
+            eaf = bn.momentum
+        # eval without running statistics normalizes with the batch statistics and updates nothing
+        running_mean = bn.running_mean if track else None
+        running_var = bn.running_var if track else None
         y = self.conv(input)
-        if self.sync_stats and bn.training and self._world_size() > 1:
+        if self.sync_stats and training and self._world_size() > 1:
+            if nbt is not None:
+                nbt.add_(1)
             return _ops.sync_batch_norm_relu(y, running_mean, running_var, bn.weight, bn.bias, eaf, bn.eps,
                                              self._relu, self.process_group)
-        return _ops.batch_norm_relu(y, running_mean, running_var, bn.weight, bn.bias, True, eaf, bn.eps, self._relu,
-                                    backend=self.backend)
+        return _ops._module_train(y, running_mean, running_var, nbt, bn.weight, bn.bias, eaf, bn.eps, self._relu,
+                                  self.backend)
 
     def _world_size(self) -> int:
         import torch.distributed as dist

@@ -11,7 +11,14 @@ Inference: the BatchNorm is folded into the conv weight and bias (``fold_conv_bn
 
 Ops registered here (schemas in csrc/conv_bn_relu/conv_bn_relu.cpp):
     fastnn::bn_relu_stats, bn_relu_apply, bn_relu_train,
-    fastnn::bn_relu_backward, bn_relu_backward_reduce, bn_relu_backward_elemt
+    fastnn::bn_relu_backward, bn_relu_backward_reduce, bn_relu_backward_elemt,
+    fastnn::bn_relu_update_running (BatchNorm's running-statistics bookkeeping, in place)
+
+Host overhead: on a fast GPU a training step of these small per-channel ops is bound by the Python
+work per call, not by the kernels. Eager calls therefore take a lean path (`_BNReLUTrain`, an
+autograd.Function that calls the ops below the autograd dispatch key and updates the running
+statistics with one C++ op); under torch.compile the same ops run through their torch.library
+registrations (register_fake / register_autograd), which dynamo and AOTAutograd trace.
 """
 from __future__ import annotations
 
@@ -141,32 +148,93 @@ if HAVE_OPS:
 
     torch.library.register_autograd("fastnn::bn_relu_apply", _apply_backward, setup_context=_apply_setup)
 
+    @torch.library.register_fake("fastnn::bn_relu_update_running")
+    def _fake_update_running(running_mean, running_var, num_batches_tracked, mean, var, count, momentum):
+        return None
+
+    _train_op = _lib.bn_relu_train.default
+    _backward_op = _lib.bn_relu_backward.default
+    _update_op = _lib.bn_relu_update_running.default
+
+
+# Runs ops below the Autograd dispatch key: straight to the CPU/CUDA kernels, skipping the Python
+# autograd kernel that torch.library.register_autograd installs (the caller handles autograd).
+_below_autograd = torch._C._AutoDispatchBelowAutograd
+
+
+class _BNReLUTrain(torch.autograd.Function):
+    """Eager training forward/backward of BatchNorm(+ReLU): bn_relu_train, the running-statistics update
+    (one C++ op), and bn_relu_backward. The same computation as bn_relu_train's torch.library autograd,
+    with a fraction of its Python work per call: one differentiable output (no zero gradients
+    materialized for mean/var), no argument re-packing, the ops called below the autograd key."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, relu):
+        with _below_autograd():
+            out, mean, var = _train_op(input, weight, bias, eps, relu)
+            if running_mean is not None:
+                _update_op(running_mean, running_var, num_batches_tracked, mean, var,
+                           float(input.numel() // input.shape[1]), momentum)
+        ctx.save_for_backward(input, mean, var, weight, bias)
+        ctx.eps, ctx.relu = eps, relu
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        input, mean, var, weight, bias = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: dispatch normally (no double backward here either)
+            dx, gw, gb = _backward_op(grad_out, input, mean, var, weight, bias, ctx.eps, ctx.relu)
+        else:
+            with _below_autograd():
+                dx, gw, gb = _backward_op(grad_out, input, mean, var, weight, bias, ctx.eps, ctx.relu)
+        need = ctx.needs_input_grad
+        return (dx if need[0] else None, gw if need[1] else None, gb if need[2] else None,
+                None, None, None, None, None, None)
+
+
+def _train_eager(input, running_mean, running_var, num_batches_tracked, weight, bias, momentum, eps, relu):
+    """Training BatchNorm(+ReLU) with the kernels, outside torch.compile; arguments already checked,
+    input non-empty. num_batches_tracked (or None) is incremented with the running statistics."""
+    if torch.is_grad_enabled() and (input.requires_grad or (weight is not None and weight.requires_grad)
+                                    or (bias is not None and bias.requires_grad)):
+        return _BNReLUTrain.apply(input, weight, bias, running_mean, running_var, num_batches_tracked,
+                                  momentum, eps, relu)
+    with _below_autograd():
+        out, mean, var = _train_op(input, weight, bias, eps, relu)
+        if running_mean is not None:
+            _update_op(running_mean, running_var, num_batches_tracked, mean, var,
+                       float(input.numel() // input.shape[1]), momentum)
+    return out
+
 
 # ---------------------------------------------------------------- argument checks
 
 def _check_bn_args(input, running_mean, running_var, weight, bias, training, eps, *, spatial_dims=None):
     if not isinstance(input, Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
-    if spatial_dims is not None and input.dim() != 2 + spatial_dims:
-        raise ValueError(f"expected {2 + spatial_dims}D input (got {input.dim()}D input); "
+    ndim = input.dim()
+    if spatial_dims is not None and ndim != 2 + spatial_dims:
+        raise ValueError(f"expected {2 + spatial_dims}D input (got {ndim}D input); "
                          f"pass a batch of shape (N, C, H, W)")
-    if input.dim() < 2:
+    if ndim < 2:
         raise ValueError(f"input must have shape (N, C, ...) with at least 2 dims, got {tuple(input.shape)}")
     if input.dtype not in _FLOATS:
         raise TypeError(f"input must be float32, float64, float16 or bfloat16, got {input.dtype}; "
                         f"convert it with input.float()")
-    C = input.shape[1]
+    shape = input.shape
+    C = shape[1]
+    device = input.device
     for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
                     ("bias", bias)):
         if t is None:
             continue
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
-        if tuple(t.shape) != (C,):
+        if t.dim() != 1 or t.shape[0] != C:
             raise ValueError(f"{name} must have shape ({C},), one value per channel of input (dim 1), "
                              f"got {tuple(t.shape)}")
-        if t.device != input.device:
-            raise ValueError(f"{name} is on {t.device} but input is on {input.device}; move them to the same device")
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but input is on {device}; move them to the same device")
         if not t.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
     if (running_mean is None) != (running_var is None):
@@ -177,11 +245,16 @@ def _check_bn_args(input, running_mean, running_var, weight, bias, training, eps
     if not (eps >= 0):
         raise ValueError(f"eps must be >= 0, got {eps}")
     if training:
-        size_prods = input.shape[0]
-        for s in input.shape[2:]:
-            size_prods *= s
-        if size_prods == 1:  # same check and message as torch.nn.functional.batch_norm
-            raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
+        _check_batch_size(input)
+
+
+def _check_batch_size(input: Tensor) -> None:
+    shape = input.shape
+    size_prods = shape[0]
+    for s in shape[2:]:
+        size_prods *= s
+    if size_prods == 1:  # same check and message as torch.nn.functional.batch_norm
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
 
 
 def _check_channel_params(C: int, device, **tensors):
@@ -209,6 +282,13 @@ def _why_not(x: Tensor):
     return why
 
 
+# The automatic choice per device type, with what backends.last_choice reports for it. It depends only
+# on what is built and visible, which does not change within a process, so it is looked up once (the
+# full selection costs several microseconds per call, paid twice per training step). Calls with a
+# request (backend=, use_backend, FASTNN_BACKEND) go through backends.select every time.
+_auto_choice: dict = {}
+
+
 def _backend(x: Tensor, backend: Optional[str]) -> str:
     if torch.compiler.is_compiling():
         # backends.select reads thread-locals and the environment, which dynamo cannot trace;
@@ -219,6 +299,15 @@ def _backend(x: Tensor, backend: Optional[str]) -> str:
                                                    (x.device.type == "cuda" and _ext.cuda_compiled())):
             return x.device.type
         return "reference"
+    if backend is None and backends._requested(OP)[0] is None:
+        dev = x.device.type
+        hit = _auto_choice.get(dev)
+        if hit is None:
+            b = backends.select(OP, x.device, None, _why_not(x))
+            hit = _auto_choice[dev] = (b, backends.last_choice(OP))
+        else:
+            backends._last[OP] = hit[1]
+        return hit[0]
     return backends.select(OP, x.device, backend, _why_not(x))
 
 
@@ -251,12 +340,37 @@ def batch_norm_relu(input: Tensor, running_mean: Optional[Tensor], running_var: 
         return reference.batch_norm_relu(input, running_mean, running_var, weight, bias, training, momentum, eps,
                                          relu)
     if training:
+        if not torch.compiler.is_compiling():
+            return _train_eager(input, running_mean, running_var, None, weight, bias, momentum, eps, relu)
         out, mean, var = torch.ops.fastnn.bn_relu_train(input, weight, bias, eps, relu)
         if running_mean is not None:
             _update_running(running_mean, running_var, mean, var, input.numel() // input.shape[1], momentum)
         return out
     sd = _stat_dtype(input)
     return torch.ops.fastnn.bn_relu_apply(input, running_mean.to(sd), running_var.to(sd), weight, bias, eps, relu)
+
+
+def _module_train(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                  num_batches_tracked: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+                  momentum: float, eps: float, relu: bool, backend: Optional[str]) -> Tensor:
+    """The training BatchNorm(+ReLU) of the fastnn.nn blocks: batch_norm_relu(training=True) that also
+    increments num_batches_tracked (if given) and skips the Python argument checks the block makes
+    redundant. `input` is the block's conv output (4-D floating point); the parameters and buffers are
+    the block's own, and the C++ ops check their shapes, dtypes and devices."""
+    if input.numel() == 0 or torch.compiler.is_compiling() or _backend(input, backend) == "reference":
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+        return batch_norm_relu(input, running_mean, running_var, weight, bias, True, momentum, eps, relu,
+                               backend=backend)
+    try:
+        _check_batch_size(input)
+    except ValueError:
+        if num_batches_tracked is not None:  # nn.BatchNorm2d counts the batch before F.batch_norm raises
+            num_batches_tracked.add_(1)
+        raise
+    if running_mean is None and num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    return _train_eager(input, running_mean, running_var, num_batches_tracked, weight, bias, momentum, eps, relu)
 
 
 # ---------------------------------------------------------------- SyncBatchNorm(+ReLU)
@@ -351,10 +465,15 @@ fold_conv_bn = reference.fold_conv_bn
 # (torch.ops.mkldnn._convolution_pointwise), "aten" = F.conv2d then an in-place ReLU.
 # FASTNN_CBR_CPU_EVAL=mkldnn|aten overrides.
 CPU_EVAL_IMPL = os.environ.get("FASTNN_CBR_CPU_EVAL", "mkldnn")
+# The same choice on CUDA: "cudnn" = torch.cudnn_convolution_relu (cuDNN's conv-bias-activation),
+# "aten" = F.conv2d then an in-place ReLU. FASTNN_CBR_CUDA_EVAL=cudnn|aten overrides.
+CUDA_EVAL_IMPL = os.environ.get("FASTNN_CBR_CUDA_EVAL", "cudnn")
 _cudnn_relu_failed: set = set()
 
 
 def _as_list2(v, name) -> list:
+    if type(v) is tuple and len(v) == 2 and type(v[0]) is int and type(v[1]) is int:
+        return [v[0], v[1]]  # nn.Conv2d's own attributes: the common case, checked cheaply
     if isinstance(v, int):
         return [v, v]
     v = list(v)
@@ -365,16 +484,25 @@ def _as_list2(v, name) -> list:
     return v
 
 
+_MKLDNN_STATIC: dict = {}  # dtype -> whether oneDNN's fused conv+ReLU exists for it in this build/CPU (fixed)
+
+
 def _mkldnn_pointwise_ok(x: Tensor, w: Tensor) -> bool:
-    if not (CPU_EVAL_IMPL == "mkldnn" and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
-            and hasattr(torch.ops.mkldnn, "_convolution_pointwise") and w.dtype == x.dtype):
+    if CPU_EVAL_IMPL != "mkldnn" or w.dtype != x.dtype or not torch.backends.mkldnn.enabled:
         return False
-    if x.dtype == torch.float32:
-        return True
-    if x.dtype == torch.bfloat16:  # oneDNN's bf16 convolution needs AVX-512 (BF16) on this CPU
-        check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-        return bool(check()) if check is not None else False
-    return False
+    ok = _MKLDNN_STATIC.get(x.dtype)
+    if ok is None:
+        ok = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+        if x.dtype == torch.bfloat16:  # oneDNN's bf16 convolution needs AVX-512 (BF16) on this CPU
+            check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+            ok = ok and check is not None and bool(check())
+        elif x.dtype != torch.float32:
+            ok = False
+        _MKLDNN_STATIC[x.dtype] = ok
+    return ok
+
+
+_CUDNN_RELU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def conv2d_bias_relu(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride=1,
@@ -383,40 +511,55 @@ def conv2d_bias_relu(input: Tensor, weight: Tensor, bias: Optional[Tensor], stri
     """``relu(F.conv2d(input, weight, bias, ...))`` with the ReLU fused into the convolution's epilogue
     where the backend offers it (cuDNN conv-bias-activation; oneDNN conv with a ReLU post-op), else
     F.conv2d followed by an in-place ReLU. Differentiable when gradients are needed (then unfused)."""
-    needs_grad = torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad or
-                                              (bias is not None and bias.requires_grad))
     if not relu:
         return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
-    fusable = (not needs_grad and not isinstance(padding, str) and input.dim() == 4 and input.numel() > 0
-               and not torch.compiler.is_compiling())
-    if fusable:
-        dev = input.device.type
-        if torch.is_autocast_enabled(dev):  # the fused ops are not autocast-aware: cast as F.conv2d would
-            dt = torch.get_autocast_dtype(dev)
-            input, weight = input.to(dt), weight.to(dt)
-            bias = bias.to(dt) if bias is not None else None
-        st, pd, dl = _as_list2(stride, "stride"), _as_list2(padding, "padding"), _as_list2(dilation, "dilation")
-        bias = bias.to(input.dtype) if bias is not None else None
-        weight = weight.to(input.dtype)
-        if dev == "cuda" and torch.backends.cudnn.is_available() and torch.backends.cudnn.enabled \
-                and input.dtype in (torch.float32, torch.float16, torch.bfloat16):
-            key = (input.dtype, tuple(input.shape[1:]), tuple(weight.shape), tuple(st), tuple(pd), tuple(dl), groups,
-                   input.is_contiguous(memory_format=torch.channels_last))
-            if key not in _cudnn_relu_failed:
+    needs_grad = torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad or
+                                              (bias is not None and bias.requires_grad))
+    if needs_grad or isinstance(padding, str) or input.dim() != 4 or input.numel() == 0 \
+            or torch.compiler.is_compiling():
+        return F.relu(F.conv2d(input, weight, bias, stride, padding, dilation, groups))
+    dev = input.device.type
+    autocast = torch.is_autocast_enabled(dev)
+    if autocast and input.dtype != torch.float64:  # the fused ops are not autocast-aware: cast as F.conv2d
+        input = input.to(torch.get_autocast_dtype(dev))  # would (autocast leaves float64 alone)
+    dt = input.dtype
+    if weight.dtype != dt:
+        weight = weight.to(dt)
+    if bias is not None and bias.dtype != dt:
+        bias = bias.to(dt)
+    st, pd, dl = _as_list2(stride, "stride"), _as_list2(padding, "padding"), _as_list2(dilation, "dilation")
+    if dev == "cuda":
+        if CUDA_EVAL_IMPL == "cudnn" and dt in _CUDNN_RELU_DTYPES and torch.backends.cudnn.enabled \
+                and torch.backends.cudnn.is_available():
+            key = None
+            if _cudnn_relu_failed:  # the key is only needed once something failed
+                key = _cudnn_key(input, weight, st, pd, dl, groups)
+            if key is None or key not in _cudnn_relu_failed:
                 try:
-                    with torch.autocast("cuda", enabled=False):
-                        return torch.cudnn_convolution_relu(input, weight, bias, st, pd, dl, groups)
+                    if autocast:
+                        with torch.autocast("cuda", enabled=False):
+                            return torch.cudnn_convolution_relu(input, weight, bias, st, pd, dl, groups)
+                    return torch.cudnn_convolution_relu(input, weight, bias, st, pd, dl, groups)
                 except RuntimeError as e:  # no cuDNN engine for this fused graph: remember, run it unfused
+                    key = _cudnn_key(input, weight, st, pd, dl, groups)
                     _cudnn_relu_failed.add(key)
                     backends.warn_once(OP, f"cudnn_convolution_relu cannot run {key} ({str(e)[:120]}); "
                                            "using conv + ReLU")
-        elif dev == "cpu" and _mkldnn_pointwise_ok(input, weight):
+    elif dev == "cpu" and _mkldnn_pointwise_ok(input, weight):
+        if autocast:
             with torch.autocast("cpu", enabled=False):
-                out = torch.ops.mkldnn._convolution_pointwise(input, weight, bias, pd, st, dl, groups, "relu", [], "")
-            return out
-        out = F.conv2d(input, weight, bias, stride, padding, dilation, groups)
-        return out.relu_()
-    return F.relu(F.conv2d(input, weight, bias, stride, padding, dilation, groups))
+                return torch.ops.mkldnn._convolution_pointwise(input, weight, bias, pd, st, dl, groups, "relu", [],
+                                                               "")
+        return torch.ops.mkldnn._convolution_pointwise(input, weight, bias, pd, st, dl, groups, "relu", [], "")
+    if autocast:
+        with torch.autocast(dev, enabled=False):
+            return F.conv2d(input, weight, bias, stride, padding, dilation, groups).relu_()
+    return F.conv2d(input, weight, bias, stride, padding, dilation, groups).relu_()
+
+
+def _cudnn_key(input, weight, st, pd, dl, groups):
+    return (input.dtype, tuple(input.shape[1:]), tuple(weight.shape), tuple(st), tuple(pd), tuple(dl), groups,
+            input.is_contiguous(memory_format=torch.channels_last))
 
 
 # ---------------------------------------------------------------- Conv + BN + ReLU
