@@ -130,19 +130,24 @@ def _extension():
         define_macros=defines,
         extra_compile_args={"cxx": cxx, "nvcc": nvcc} if with_cuda else {"cxx": cxx},
         extra_link_args=["-fopenmp"],
-        include_dirs=[os.path.join(ROOT, "csrc")] + (_nvidia_wheel_dirs("include") if with_cuda else []),
+        include_dirs=[os.path.join(ROOT, "csrc")],
         library_dirs=_nvidia_wheel_dirs("lib") if with_cuda else [],
     )
     torch_dir = os.path.dirname(torch.__file__)
-    nv_root = None
     stable_torch = _stable(torch_dir, "torch")
     ext.include_dirs = [d.replace(torch_dir, stable_torch, 1) if d.startswith(torch_dir) else d
                         for d in ext.include_dirs]
-    for d in list(ext.include_dirs):
-        if "/nvidia/" in d and d.endswith("include"):
+    if with_cuda:
+        # The nvidia-* wheels fill in headers the toolkit may lack (cusparse.h, cublas_v2.h).
+        # They go in as -isystem, searched after every -I, so the toolkit's own
+        # cuda_runtime_api.h wins: torch 2.15 ships CUDA 13.2 headers, and nvcc 13.0 refuses
+        # them ("CUDA compiler and CUDA toolkit headers are incompatible").
+        flags = []
+        for d in _nvidia_wheel_dirs("include"):
             nv_root = os.path.dirname(d)
-            ext.include_dirs[ext.include_dirs.index(d)] = os.path.join(
-                _stable(nv_root, "nvidia_" + os.path.basename(nv_root)), "include")
+            flags += ["-isystem", os.path.join(_stable(nv_root, "nvidia_" + os.path.basename(nv_root)), "include")]
+        for key in ("cxx", "nvcc"):
+            ext.extra_compile_args[key] = flags + ext.extra_compile_args[key]
     return ext
 
 
