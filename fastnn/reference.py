@@ -267,7 +267,8 @@ def stochastic_pool2d(input, kernel_size, stride, padding, ceil_mode=False, mode
     if mode not in ("activation", "softmax"):
         raise ValueError(f"mode must be 'activation' or 'softmax', got {mode!r}")
     compiling = torch.compiler.is_compiling()
-    if mode == "activation" and not compiling and bool((input < 0).any()):
+    # meta tensors have no values to check (shape inference, e.g. a model built on the meta device)
+    if mode == "activation" and not compiling and input.device.type != "meta" and bool((input < 0).any()):
         raise ValueError("fastnn.stochastic_pool2d: mode='activation' samples with p_i = a_i / sum(a) and needs "
                          "input >= 0, but the input has negative values; apply a ReLU first (e.g. F.relu(x)) or "
                          "use mode='softmax'")
