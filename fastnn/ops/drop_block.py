@@ -295,6 +295,8 @@ def _drop_block(input, nd, drop_prob, block_size, gamma_scale, with_noise, coupl
     _check_args(input, nd, drop_prob, block_size, gamma_scale, generator, name)
     if not training or float(drop_prob) == 0.0 or input.numel() == 0:
         return input
+    if input.device.type == "meta":  # shape inference only: no values, no mask to draw
+        return input if inplace else torch.empty_like(input)
     block, gamma = _prepare(input, nd, drop_prob, block_size, gamma_scale, generator, name, checked=True)
     b = backends.select(OP, input.device, backend)
     if b == "reference":
