@@ -281,8 +281,9 @@ def stochastic_pool2d(input, kernel_size, stride, padding, ceil_mode=False, mode
         total = weights.sum(2, keepdim=True)
         if not training:
             s2 = (a * a).sum(2, keepdim=True)
-            safe = torch.where(total > 0, total, torch.ones_like(total))
-            out = torch.where(total > 0, s2 / safe, torch.zeros_like(total))
+            # an all-zero window gives 0; a NaN (or inf / inf) window gives NaN, as the kernels
+            zero = total == 0
+            out = torch.where(zero, torch.zeros_like(total), s2 / torch.where(zero, torch.ones_like(total), total))
     else:
         p = torch.softmax(a.masked_fill(~mask, float("-inf")), dim=2)
         if not training:
@@ -295,9 +296,11 @@ def stochastic_pool2d(input, kernel_size, stride, padding, ceil_mode=False, mode
         u = torch.rand(total.shape, generator=generator, device=input.device, dtype=torch.float32).double()
         idx = (cdf <= u * total).sum(2, keepdim=True)
         first_valid = mask.to(torch.uint8).argmax(2, keepdim=True).expand_as(idx)
-        idx = torch.where(total > 0, idx, first_valid)
+        finite = torch.isfinite(total)
+        idx = torch.where(finite & (total > 0), idx, first_valid)
         out = torch.gather(cols, 2, idx)
-        out = torch.where(torch.isnan(total), torch.full_like(out, float("nan")), out)  # as the kernels
+        # NaN for a NaN total, or an inf one (an inf in activation mode: p = inf / inf), as the kernels
+        out = torch.where(finite, out, torch.full_like(out, float("nan")))
     if mode == "activation" and compiling:  # no data-dependent raise in a graph: NaN, as the kernels
         out = torch.where((cols < 0).any(2, keepdim=True), torch.full_like(out, float("nan")), out)
     out = out.to(input.dtype).view(n, c, oh, ow)
