@@ -66,8 +66,8 @@ def register_ops() -> None:
                                  f"{tuple(t.shape)} on {t.device}")
             if t.dtype != (torch.float32 if name in ("lse", "dlse") else q.dtype):
                 raise TypeError(f"flash_attn_bwd: {name} has dtype {t.dtype}")
-        if (D > 1 and (dout.stride(-1) != 1 or out.stride(-1) != 1)) or not lse.is_contiguous() or (
-                dlse is not None and not dlse.is_contiguous()):
+        if dout.numel() and ((D > 1 and (dout.stride(-1) != 1 or out.stride(-1) != 1)) or not lse.is_contiguous()
+                             or (dlse is not None and not dlse.is_contiguous())):
             raise ValueError("flash_attn_bwd: dout/out need a unit head-dim stride and lse/dlse must be contiguous")
         shift = k.shape[1] - q.shape[1] if bottom_right else 0
         return K.backward(dout, q, k, v, out, lse, dlse, softmax_scale=softmax_scale, causal=causal,
