@@ -14,6 +14,8 @@ import fuzzing as fz
 from fastnn import reference
 from fastnn.ops import cbam as ops
 
+pytestmark = pytest.mark.fuzz
+
 DEVICES = [pytest.param("cpu", marks=pytest.mark.skipif(not ops._HAVE_OPS, reason="fastnn._C not built")),
            pytest.param("cuda", marks=pytest.mark.cuda)]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]

@@ -15,6 +15,8 @@ from fastnn import reference
 from fastnn.functional import batch_norm_relu, conv_bn_relu
 from fastnn.ops import conv_bn_relu as ops
 
+pytestmark = pytest.mark.fuzz
+
 DEVICES = [pytest.param("cpu", marks=pytest.mark.skipif(not ops.HAVE_OPS, reason="fastnn._C not built")),
            pytest.param("cuda", marks=pytest.mark.cuda)]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]

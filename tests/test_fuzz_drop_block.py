@@ -15,6 +15,8 @@ import fuzzing as fz
 from fastnn import backends, reference
 from fastnn.ops import drop_block as ops
 
+pytestmark = pytest.mark.fuzz
+
 FN = {1: ops.drop_block1d, 2: ops.drop_block2d, 3: ops.drop_block3d}
 CPU_BACKENDS = [b for b in ("cpu", "triton") if backends.unavailable(b, "cpu") is None]
 DEVICES = [pytest.param("cpu", marks=pytest.mark.skipif(not CPU_BACKENDS, reason="no kernel backend here")),

@@ -16,6 +16,8 @@ from fastnn import backends, reference
 from fastnn.functional import flash_attn_func, scaled_dot_product_attention
 from fastnn.ops import flash_attention as fa
 
+pytestmark = pytest.mark.fuzz
+
 HAS_TRITON = backends.triton_available() is None
 INTERP = HAS_TRITON and backends.triton_interpreted()
 DEVICES = [pytest.param("cpu", marks=pytest.mark.skipif(not INTERP, reason="needs TRITON_INTERPRET=1 and triton")),

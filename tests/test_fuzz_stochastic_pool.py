@@ -18,6 +18,8 @@ import fuzzing as fz
 from fastnn import reference
 from fastnn.ops.stochastic_pool import stochastic_pool2d
 
+pytestmark = pytest.mark.fuzz
+
 HAS_OP = hasattr(torch.ops.fastnn, "stochastic_pool2d")
 DEVICES = [pytest.param("cpu", marks=pytest.mark.skipif(not HAS_OP, reason="fastnn._C not built")),
            pytest.param("cuda", marks=pytest.mark.cuda)]
