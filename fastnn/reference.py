@@ -287,7 +287,8 @@ def stochastic_pool2d(input, kernel_size, stride, padding, ceil_mode=False, mode
     else:
         p = torch.softmax(a.masked_fill(~mask, float("-inf")), dim=2)
         if not training:
-            out = (p * a).sum(2, keepdim=True)  # padded a is 0, so no 0 * inf
+            # zero-probability entries (padding, a = -inf) add 0, not 0 * -inf = NaN (as the kernels)
+            out = torch.where(p == 0, torch.zeros_like(a), p * a).sum(2, keepdim=True)
         weights, total = p, None
     if training:
         # Inverse-CDF draw in float64: u * total < total, so a zero-weight entry is never picked.

@@ -104,7 +104,8 @@ print(t1 - t0, t2 - t1, torch.cuda.is_initialized(), 'triton' in sys.modules, 't
 
 def _import_times(runs=3):
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([os.getcwd()] + [p for p in sys.path if p])
+    # this process's import path: the subprocess imports the fastnn the tests import
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
     out = []
     for _ in range(runs):
         r = subprocess.run([sys.executable, "-c", _IMPORT_CODE], capture_output=True, text=True, env=env, timeout=300)
