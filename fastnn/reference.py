@@ -267,7 +267,8 @@ def stochastic_pool2d(input, kernel_size, stride, padding, ceil_mode=False, mode
     if mode not in ("activation", "softmax"):
         raise ValueError(f"mode must be 'activation' or 'softmax', got {mode!r}")
     compiling = torch.compiler.is_compiling()
-    if mode == "activation" and not compiling and bool((input < 0).any()):
+    # meta tensors have no values to check (shape inference, e.g. a model built on the meta device)
+    if mode == "activation" and not compiling and input.device.type != "meta" and bool((input < 0).any()):
         raise ValueError("fastnn.stochastic_pool2d: mode='activation' samples with p_i = a_i / sum(a) and needs "
                          "input >= 0, but the input has negative values; apply a ReLU first (e.g. F.relu(x)) or "
                          "use mode='softmax'")
@@ -280,12 +281,14 @@ def stochastic_pool2d(input, kernel_size, stride, padding, ceil_mode=False, mode
         total = weights.sum(2, keepdim=True)
         if not training:
             s2 = (a * a).sum(2, keepdim=True)
-            safe = torch.where(total > 0, total, torch.ones_like(total))
-            out = torch.where(total > 0, s2 / safe, torch.zeros_like(total))
+            # an all-zero window gives 0; a NaN (or inf / inf) window gives NaN, as the kernels
+            zero = total == 0
+            out = torch.where(zero, torch.zeros_like(total), s2 / torch.where(zero, torch.ones_like(total), total))
     else:
         p = torch.softmax(a.masked_fill(~mask, float("-inf")), dim=2)
         if not training:
-            out = (p * a).sum(2, keepdim=True)  # padded a is 0, so no 0 * inf
+            # zero-probability entries (padding, a = -inf) add 0, not 0 * -inf = NaN (as the kernels)
+            out = torch.where(p == 0, torch.zeros_like(a), p * a).sum(2, keepdim=True)
         weights, total = p, None
     if training:
         # Inverse-CDF draw in float64: u * total < total, so a zero-weight entry is never picked.
@@ -294,9 +297,11 @@ def stochastic_pool2d(input, kernel_size, stride, padding, ceil_mode=False, mode
         u = torch.rand(total.shape, generator=generator, device=input.device, dtype=torch.float32).double()
         idx = (cdf <= u * total).sum(2, keepdim=True)
         first_valid = mask.to(torch.uint8).argmax(2, keepdim=True).expand_as(idx)
-        idx = torch.where(total > 0, idx, first_valid)
+        finite = torch.isfinite(total)
+        idx = torch.where(finite & (total > 0), idx, first_valid)
         out = torch.gather(cols, 2, idx)
-        out = torch.where(torch.isnan(total), torch.full_like(out, float("nan")), out)  # as the kernels
+        # NaN for a NaN total, or an inf one (an inf in activation mode: p = inf / inf), as the kernels
+        out = torch.where(finite, out, torch.full_like(out, float("nan")))
     if mode == "activation" and compiling:  # no data-dependent raise in a graph: NaN, as the kernels
         out = torch.where((cols < 0).any(2, keepdim=True), torch.full_like(out, float("nan")), out)
     out = out.to(input.dtype).view(n, c, oh, ow)

@@ -563,7 +563,7 @@ def test_reference_backend_matches():
      ValueError, "more than 1 value"),
     (lambda: fastnn.functional.cbam(torch.randn(1, 16, 5, 5), *_w(16), spatial_bn=True), ValueError,
      "running"),
-    (lambda: fastnn.functional.cbam(torch.randn(0, 16, 5, 5), *_w(16)), ValueError, "empty"),
+    (lambda: fastnn.functional.cbam(torch.randn(1, 16, 0, 5), *_w(16)), ValueError, "non-zero C, H and W"),
     (lambda: CBAM(16, spatial_kernel=4), ValueError, "odd"),
     (lambda: CBAM(16, variant="keras"), ValueError, "variant"),
     (lambda: CBAM.from_module(nn.Linear(3, 3)), TypeError, "cannot convert"),

@@ -16,6 +16,7 @@ from fastnn import backends
 from fastnn import reference as R
 from fastnn.ops import drop_block as ops
 
+ops.register_triton_ops()  # defined on first use (not at import); the tests below reach into _BACKEND_OPS
 CPU_BACKENDS = [b for b in ("cpu", "triton", "reference") if backends.unavailable(b, "cpu") is None]
 KERNELS = [b for b in ("cpu", "triton") if b in CPU_BACKENDS]
 FN = {1: F.drop_block1d, 2: F.drop_block2d, 3: F.drop_block3d}

@@ -578,7 +578,9 @@ def seed_words(x: torch.Tensor, seed: torch.Tensor, g: Geometry, gamma: float, s
     col_lo, col_hi = (0, g.C - 1) if g.channels_last else (lo_w, hi_w)
     all_, thr = _threshold(gamma)
     sparse = 0.0 < gamma <= _SPARSE_GAMMA
-    inv = 1.0 / math.log2(1.0 - gamma) if sparse else 0.0
+    # 1 / log2(1 - gamma) via log1p: 1 - gamma rounds to 1 below gamma ~1e-16 (a division by zero);
+    # clamped to float32's range for the kernel argument (the gaps cap at 64 anyway)
+    inv = max(math.log(2.0) / math.log1p(-gamma), -3.0e38) if sparse else 0.0
     grid = (max(1, triton.cdiv(n_words, _SEED_WORDS_BLOCK)),)
     # geometry is constexpr (one compile per feature-map shape); N and gamma are runtime
     wrap_triton(_seed_words_kernel)[grid](

@@ -204,6 +204,8 @@ def _fwd_kernel(Q, K, V, O, LSE, SEED,
         inv_l = inv_l / (1.0 - dropout_p)
     acc = acc * inv_l[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    # an infinite logit: the log-sum-exp is +inf (torch.logsumexp), not inf - inf = NaN
+    lse = tl.where(m_i == float("inf"), float("inf"), lse)
     tl.store(LSE + bh.to(tl.int64) * seq_q + offs_m, lse, mask=row_ok)
     tl.store(o_base + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :], acc.to(O.dtype.element_ty),
              mask=row_ok[:, None] & dmask)

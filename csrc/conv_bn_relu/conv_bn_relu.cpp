@@ -41,7 +41,9 @@ bool is_nhwc(const Tensor& x) {
 Tensor dense(const Tensor& x) {
   if (x.is_contiguous()) return x;
   if (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)) return x;
-  return x.contiguous(x.suggest_memory_format());
+  // Only 4-D channels_last is read as NHWC: a 5-D input's suggested ChannelsLast3d would pass
+  // through unchanged and be read as NCDHW (wrong results), so it becomes contiguous.
+  return x.contiguous(x.dim() == 4 ? x.suggest_memory_format() : at::MemoryFormat::Contiguous);
 }
 
 // `t` (same shape as x) in x's layout.

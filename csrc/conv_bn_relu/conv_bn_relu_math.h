@@ -44,7 +44,7 @@ FASTNN_HD Welford<T> welford_from_shifted(T n, T s1, T s2, T shift) {
   const T m2 = s2 - s1 * d;
   w.n = n;
   w.mean = shift + d;
-  w.m2 = m2 > T(0) ? m2 : T(0);
+  w.m2 = m2 < T(0) ? T(0) : m2;  // clamps rounding below 0; a NaN (NaN/Inf in the data) stays NaN
   return w;
 }
 

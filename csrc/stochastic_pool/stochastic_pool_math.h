@@ -252,7 +252,7 @@ FASTNN_SP_UNROLL
 
 // Forward of one output. Returns the output value; *offset gets the sampled offset (training).
 //  - activation mode with a negative value in the window: NaN (the caller also raises);
-//  - a window whose total weight is NaN: NaN;
+//  - a window whose total weight is NaN, or infinite (an inf in activation mode: p = inf / inf): NaN;
 //  - activation mode, all-zero window: 0, offset = first in-bounds element (as max_pool's tie rule).
 template <int N, int MODE, bool TRAIN, typename acc_t, typename W>
 FASTNN_HD acc_t forward_one(const W& w, int n, float u, int first_valid, int* offset, bool* neg) {
@@ -266,7 +266,7 @@ FASTNN_HD acc_t forward_one(const W& w, int n, float u, int first_valid, int* of
   const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
   if (MODE == kActivation && st.neg) return nan;
   const acc_t total = total_weight<MODE>(st);
-  if (total != total) return nan;
+  if (!(total <= std::numeric_limits<acc_t>::max())) return nan;  // NaN or +inf
   if (!TRAIN) return eval_value<MODE>(st);
   if (!(total > acc_t(0))) return acc_t(0);
   acc_t v;

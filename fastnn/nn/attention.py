@@ -24,6 +24,9 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         fast = (not need_weights and key_padding_mask is None and self.bias_k is None and self.bias_v is None
                 and not self.add_zero_attn and query.dim() in (2, 3) and key.dim() == query.dim()
                 and value.dim() == query.dim() and (attn_mask is None or is_causal)
+                # sizes torch checks with its own messages (embed_dim, kdim, vdim): let it
+                and query.shape[-1] == self.embed_dim and key.shape[-1] == self.kdim
+                and value.shape[-1] == self.vdim
                 and not (is_causal and attn_mask is None))  # torch raises for that one: let it
         if not fast:
             return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,

@@ -45,6 +45,10 @@ def _choice(value, name, choices):
     return value
 
 
+def _autocast(x: Tensor) -> bool:
+    return x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type)
+
+
 def _hidden(channels, reduction, hidden_channels):
     if not isinstance(channels, int) or channels < 1:
         raise ValueError(f"fastnn.nn: channels must be a positive int, got {channels!r}")
@@ -128,7 +132,10 @@ class ChannelAttention(nn.Module):
             return F.linear(F.relu(F.linear(t, w1, b1)), w2, b2)
 
         z = mlp(v)
-        return torch.sigmoid(z[0] + z[1]).to(x.dtype)[:, :, None, None]
+        gate = torch.sigmoid(z[0] + z[1])
+        if not _autocast(x):  # under autocast: the MLP's dtype, as the tutorial module's
+            gate = gate.to(x.dtype)
+        return gate[:, :, None, None]
 
     def extra_repr(self):
         return f"channels={self.channels}, hidden={self.hidden_channels}, max_ties={self.max_ties!r}"
@@ -188,7 +195,9 @@ class SpatialAttention(nn.Module):
         y = conv(m)
         if bn is not None:
             y = bn(y)
-        return torch.sigmoid(y).to(x.dtype)
+        gate = torch.sigmoid(y)
+        # under autocast: the conv's dtype, as the tutorial module (its conv runs in the autocast dtype)
+        return gate if _autocast(x) else gate.to(x.dtype)
 
     def extra_repr(self):
         return f"kernel_size={self.kernel_size}, order={self.spatial_order!r}, max_ties={self.max_ties!r}"

@@ -152,6 +152,9 @@ class _ConvBNBase(nn.Module):
             raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
         if input.dim() != 4:  # BatchNorm2d's check and message
             raise ValueError(f"expected 4D input (got {input.dim()}D input)")
+        if not input.is_floating_point():  # else F.conv2d's "expected scalar type Long but found Float"
+            raise TypeError(f"input must be a floating-point tensor (float32, float64, float16 or bfloat16), "
+                            f"got {input.dtype}; convert it with input.float()")
         if self.backend == "reference":
             return self._reference_forward(input)
         bn = self.bn

@@ -54,8 +54,9 @@ def _check_x(x, name="x"):
     if x.dtype not in _FLOATS:
         raise TypeError(f"fastnn.cbam: {name} must be float32, float16, bfloat16 or float64, got {x.dtype}; "
                         f"convert it with {name}.float()")
-    if x.numel() == 0:
-        raise ValueError(f"fastnn.cbam: {name} must not be empty, got shape {tuple(x.shape)}")
+    if min(x.shape[1:]) == 0:  # an empty batch (N = 0) is fine, as in PyTorch's pools and convs
+        raise ValueError(f"fastnn.cbam: {name} must have non-zero C, H and W (PyTorch's adaptive pools need "
+                         f"them too), got shape {tuple(x.shape)}")
 
 
 def _check_choice(value, name, choices):
@@ -138,12 +139,12 @@ def cbam(x: Tensor, mlp_weight1: Tensor, mlp_weight2: Tensor, conv_weight: Tenso
         if not bn_training and bn_running_mean is None:
             raise ValueError("fastnn.cbam: spatial BN in eval mode (bn_training=False) needs bn_running_mean and "
                              "bn_running_var; pass them or set bn_training=True to use batch statistics")
-        if bn_training and x.shape[0] * x.shape[2] * x.shape[3] <= 1:
+        if bn_training and x.shape[0] * x.shape[2] * x.shape[3] == 1:  # F.batch_norm's rule (0 is fine)
             raise ValueError(f"fastnn.cbam: spatial BN in training mode needs more than 1 value per channel "
                              f"(N*H*W > 1), got x of shape {tuple(x.shape)}; use eval mode or a bigger batch")
 
     b = backends.select(OP, x.device, backend, why_not=_why_not)
-    if b == "reference":
+    if b == "reference" or x.shape[0] == 0:  # empty batch: PyTorch's ops give the empty result
         return reference.cbam(x, w1, w2, conv_weight, mlp_bias1=mlp_bias1, mlp_bias2=mlp_bias2,
                               conv_bias=conv_bias, spatial_bn=spatial_bn, bn_weight=bn_weight, bn_bias=bn_bias,
                               bn_running_mean=bn_running_mean, bn_running_var=bn_running_var,
@@ -241,7 +242,7 @@ def cbam_channel_pool(x: Tensor, max_ties: str = "first", backend: Optional[str]
     _check_x(x)
     _check_choice(max_ties, "max_ties", MAX_TIES)
     b = backends.select("cbam_channel_pool", x.device, backend, why_not=_why_not)
-    if b == "reference":
+    if b == "reference" or x.shape[0] == 0:
         mean, mx = reference.cbam_channel_pool(x, max_ties=max_ties)
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         return mean.to(acc), mx.to(acc)
@@ -256,7 +257,7 @@ def cbam_spatial_pool(x: Tensor, max_ties: str = "first", backend: Optional[str]
     _check_x(x)
     _check_choice(max_ties, "max_ties", MAX_TIES)
     b = backends.select("cbam_spatial_pool", x.device, backend, why_not=_why_not)
-    if b == "reference":
+    if b == "reference" or x.shape[0] == 0:
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         return torch.cat(reference.cbam_spatial_pool(x, max_ties=max_ties), 1).to(acc)
     pooled, _ = torch.ops.fastnn.cbam_spatial_pool(x, max_ties == "first")

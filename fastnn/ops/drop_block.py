@@ -208,7 +208,15 @@ def _check_kernel_args(x: torch.Tensor, seed: torch.Tensor, block: Sequence[int]
         raise ValueError(f"drop_block: gamma must be finite and >= 0, got {gamma}")
 
 
-if backends.triton_available() is None:
+def register_triton_ops() -> bool:
+    """Define the Triton ops (torch.ops.fastnn.drop_block_*_triton) and put them in _BACKEND_OPS;
+    idempotent. Importing triton and torch.library.triton_op (which loads torch._inductor) takes
+    1-2 s, so this runs on the first call that selects the Triton backend, not at `import fastnn`.
+    Returns whether the ops exist (False without triton)."""
+    if "triton" in _BACKEND_OPS:
+        return True
+    if backends.triton_available() is not None:
+        return False
     from torch.library import triton_op
 
     from fastnn.triton_kernels import drop_block as _tk
@@ -258,6 +266,17 @@ if backends.triton_available() is None:
     _BACKEND_OPS["triton"] = _register_common(
         ("fastnn::drop_block_fwd_triton", "fastnn::drop_block_fwd_triton_", "fastnn::drop_block_bwd_triton",
          "fastnn::drop_block_seeds_triton"))
+    return True
+
+
+def _triton_ready() -> bool:
+    # Under torch.compile this runs once at trace time (its result is a constant), so the ops exist
+    # before Dynamo looks them up, without a graph break (as flash_attention._ops_ready).
+    return register_triton_ops()
+
+
+# = torch.compiler.assume_constant_result(_triton_ready), without importing torch._dynamo at import
+_triton_ready._dynamo_marked_constant = True
 
 
 # ---------------------------------------------------------------- functional API
@@ -276,12 +295,16 @@ def _drop_block(input, nd, drop_prob, block_size, gamma_scale, with_noise, coupl
     _check_args(input, nd, drop_prob, block_size, gamma_scale, generator, name)
     if not training or float(drop_prob) == 0.0 or input.numel() == 0:
         return input
+    if input.device.type == "meta":  # shape inference only: no values, no mask to draw
+        return input if inplace else torch.empty_like(input)
     block, gamma = _prepare(input, nd, drop_prob, block_size, gamma_scale, generator, name, checked=True)
     b = backends.select(OP, input.device, backend)
     if b == "reference":
         out = reference.drop_block(input, float(drop_prob), block, float(gamma_scale), bool(with_noise),
                                    bool(couple_channels), bool(scale_by_keep), bool(valid_only), True, generator)
         return input.copy_(out) if inplace else out
+    if b == "triton":
+        _triton_ready()
     ops = _BACKEND_OPS[b]
     x, cl = _layout(input)
     seed = _draw_seed(input.device, generator)
@@ -366,6 +389,8 @@ def drop_block_seed_mask(input: torch.Tensor, drop_prob: float = 0.1, block_size
     if b == "reference":
         return reference.drop_block_seeds(input, gamma, block, bool(couple_channels), bool(valid_only),
                                           generator).to(torch.uint8)
+    if b == "triton":
+        _triton_ready()
     x, cl = _layout(input)
     seed = _draw_seed(input.device, generator)
     return _BACKEND_OPS[b].seeds(x, seed, block, gamma, bool(couple_channels), bool(valid_only), cl)

@@ -45,6 +45,7 @@ def register_ops() -> None:
                        softmax_scale: float, causal: bool, bottom_right: bool) -> Tuple[Tensor, Tensor]:
         """q (B, Sq, H, D), k/v (B, Sk, Hkv, D), head-dim stride 1 -> out (B, Sq, H, D), lse (B, H, Sq)."""
         from fastnn.triton_kernels import flash_attention as K
+        _check_raw_args("flash_attn_fwd", q, k, v, seed, dropout_p)
         shift = k.shape[1] - q.shape[1] if bottom_right else 0
         return K.forward(q, k, v, softmax_scale=softmax_scale, causal=causal, causal_shift=shift,
                          dropout_p=dropout_p, seed=seed)
@@ -54,6 +55,20 @@ def register_ops() -> None:
                        dlse: Optional[Tensor], seed: Optional[Tensor], dropout_p: float, softmax_scale: float,
                        causal: bool, bottom_right: bool) -> Tuple[Tensor, Tensor, Tensor]:
         from fastnn.triton_kernels import flash_attention as K
+        _check_raw_args("flash_attn_bwd", q, k, v, seed, dropout_p)
+        B, Sq, H, D = q.shape
+        for name, t, shape in (("dout", dout, q.shape), ("out", out, q.shape), ("lse", lse, (B, H, Sq)),
+                               ("dlse", dlse, (B, H, Sq))):
+            if t is None:
+                continue
+            if tuple(t.shape) != tuple(shape) or t.device != q.device:
+                raise ValueError(f"flash_attn_bwd: {name} must have shape {tuple(shape)} on {q.device}, got "
+                                 f"{tuple(t.shape)} on {t.device}")
+            if t.dtype != (torch.float32 if name in ("lse", "dlse") else q.dtype):
+                raise TypeError(f"flash_attn_bwd: {name} has dtype {t.dtype}")
+        if dout.numel() and ((D > 1 and (dout.stride(-1) != 1 or out.stride(-1) != 1)) or not lse.is_contiguous()
+                             or (dlse is not None and not dlse.is_contiguous())):
+            raise ValueError("flash_attn_bwd: dout/out need a unit head-dim stride and lse/dlse must be contiguous")
         shift = k.shape[1] - q.shape[1] if bottom_right else 0
         return K.backward(dout, q, k, v, out, lse, dlse, softmax_scale=softmax_scale, causal=causal,
                           causal_shift=shift, dropout_p=dropout_p, seed=seed)
@@ -148,6 +163,34 @@ def _check_bshd(q, k, v) -> None:
     if hkv == 0 or h % hkv:
         raise ValueError(f"flash_attn_func: q has {h} heads and k/v {hkv}; the q heads must be a multiple of the "
                          "k/v heads (GQA/MQA)")
+
+
+def _check_raw_args(who: str, q, k, v, seed, dropout_p) -> None:
+    """The Triton ops' own checks (cheap, shapes only): called directly, torch.ops.fastnn.flash_attn_*
+    must raise on arguments the kernels would read out of bounds with, not return garbage."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{who}: {name} must be 4-D (batch, seqlen, heads, headdim), got {tuple(t.shape)}")
+        if t.dtype not in _DTYPES or t.dtype != q.dtype:
+            raise TypeError(f"{who}: q, k, v must share one dtype of float16, bfloat16, float32; got {q.dtype}, "
+                            f"{k.dtype}, {v.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{who}: q, k, v are on different devices ({q.device}, {k.device}, {v.device})")
+        if t.shape[-1] > 1 and t.stride(-1) != 1:
+            raise ValueError(f"{who}: {name} needs a unit stride along the head dim (call .contiguous())")
+    if k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
+        raise ValueError(f"{who}: shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not match "
+                         "(same batch and head dim, k and v alike)")
+    if not 1 <= q.shape[3] <= MAX_HEAD_DIM:
+        raise ValueError(f"{who}: head dim {q.shape[3]} is out of range [1, {MAX_HEAD_DIM}]")
+    if k.shape[2] == 0 or q.shape[2] % k.shape[2]:
+        raise ValueError(f"{who}: q heads ({q.shape[2]}) must be a multiple of the k/v heads ({k.shape[2]})")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{who}: dropout_p must be in [0, 1), got {dropout_p}")
+    if dropout_p > 0.0 and (seed is None or seed.numel() != 1 or seed.dtype != torch.int64
+                            or seed.device != q.device):
+        raise ValueError(f"{who}: dropout needs a one-element int64 seed tensor on {q.device} "
+                         "(see draw_dropout_seed)")
 
 
 def _check_dropout(dropout_p, who: str) -> float:
