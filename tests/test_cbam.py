@@ -2,6 +2,7 @@
 module and fastnn.reference, forward and backward."""
 import copy
 import os
+import shutil
 
 import pytest
 import torch
@@ -622,12 +623,13 @@ def test_resnet_stage_shapes(device, C, HW, layout, max_ties, training, path, mo
 # tests/cbam_cuda_emu.cpp compiles csrc/cbam/cuda/cbam_cuda_fast.cu as C++ and runs every launch
 # with a CPU thread per CUDA thread (barriers for __syncthreads and warp shuffles, alignment checks
 # on vector accesses): the GPU path's indexing, reductions, partial sums and launch logic are
-# compared here with the CPU op, which writes the same saved buffers. Building it takes minutes, so
-# it runs on request: FASTNN_TEST_CUDA_EMU=1 (add -fsanitize=address with FASTNN_TEST_CUDA_EMU_ASAN=1
-# and LD_PRELOAD=$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0).
+# compared here with the CPU op, which writes the same saved buffers. Building it takes about a
+# minute (cached by torch.utils.cpp_extension); FASTNN_TEST_CUDA_EMU=0 skips it. For out-of-bounds
+# accesses: FASTNN_TEST_CUDA_EMU_ASAN=1 LD_PRELOAD=$(gcc -print-file-name=libasan.so)
+# ASAN_OPTIONS=detect_leaks=0 (AddressSanitizer).
 _EMU = {}
-needs_emu = pytest.mark.skipif(os.environ.get("FASTNN_TEST_CUDA_EMU") != "1",
-                               reason="CUDA-kernel emulation runs with FASTNN_TEST_CUDA_EMU=1 (builds for minutes)")
+needs_emu = pytest.mark.skipif(os.environ.get("FASTNN_TEST_CUDA_EMU") == "0" or shutil.which("c++") is None,
+                               reason="CUDA-kernel emulation off (FASTNN_TEST_CUDA_EMU=0) or no host C++ compiler")
 
 
 def _cuda_emulator():
@@ -636,10 +638,17 @@ def _cuda_emulator():
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         asan = os.environ.get("FASTNN_TEST_CUDA_EMU_ASAN") == "1"
         san = ["-fsanitize=address", "-fno-omit-frame-pointer"] if asan else []
+        # load() rebuilds when the listed source or the flags change: put the included kernels' and
+        # headers' contents into the flags
+        import hashlib
+        h = hashlib.sha1()
+        for sub in ("cuda/cbam_cuda_fast.cu", "cuda/cbam_cuda.h", "cbam_math.h", "cbam_saved.h", "cbam_params.h"):
+            with open(os.path.join(root, "csrc", "cbam", sub), "rb") as f:
+                h.update(f.read())
         _EMU["mod"] = load(name="fastnn_cbam_cuda_emu" + ("_asan" if asan else ""),
                            sources=[os.path.join(root, "tests", "cbam_cuda_emu.cpp")],
                            extra_include_paths=[os.path.join(root, "csrc")],
-                           extra_cflags=["-O1", "-std=c++20", "-pthread"] + san,
+                           extra_cflags=["-O1", "-std=c++20", "-pthread", f"-DCBAM_EMU_SOURCES={h.hexdigest()[:16]}"] + san,
                            extra_ldflags=["-pthread"] + san[:1], verbose=False)
     return _EMU["mod"]
 
