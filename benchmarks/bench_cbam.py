@@ -103,10 +103,29 @@ def _setup(case, device, impl):
     return ref, fast, mod, x, gout
 
 
+class _NoTF32:
+    """fp32 comparisons on CUDA without TF32 (restored after): cuDNN runs the reference's convolutions
+    (the 1x1 MLP convs, the spatial conv) in TF32 by default on Ampere and later, ~1e-3 relative off
+    fp32, while fastnn's kernels compute in fp32."""
+
+    def __enter__(self):
+        self.old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+
+    def __exit__(self, *exc):
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = self.old
+
+
 def _check(ref, fast, x, gout, dtype):
     """fastnn against the tutorial module on these inputs, forward and grad x, before any timing.
-    float32: close to the reference. Low precision: the error against the float32 reference at most
-    twice the reference's own low-precision error (the tests' rule), plus a small floor."""
+    float32: close to the reference (both in fp32, see _NoTF32). Low precision: the error against the
+    float32 reference at most twice the reference's own low-precision error (the tests' rule), plus a
+    small floor."""
+    with _NoTF32():
+        _check_fp32_exact(ref, fast, x, gout, dtype)
+
+
+def _check_fp32_exact(ref, fast, x, gout, dtype):
     def run(mod, xin, g):
         xin = xin.detach().clone().requires_grad_()
         out = mod(xin)
@@ -118,7 +137,12 @@ def _check(ref, fast, x, gout, dtype):
     if dtype == torch.float32:
         o_ref, g_ref = run(ref, x, gout)
         torch.testing.assert_close(o_fast, o_ref, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(g_fast, g_ref, rtol=1e-4, atol=1e-5)
+        # grad x: the gate differs from the reference's in the last bit (other summation order), so
+        # where two channels' x*g are within ~1 ulp the max over C may pick the other one and its
+        # gradient lands one channel over (2 elements). At ~1e-6 per pixel that happens a few times
+        # per 1e5 pixels; allow up to 1e-6 of the elements, everything else to fp32 accuracy.
+        bad = ((g_fast - g_ref).abs() > 1e-5 + 1e-4 * g_ref.abs()).sum().item()
+        assert bad <= max(8, g_ref.numel() // 1_000_000), f"grad x: {bad} elements differ from the reference"
         return
     o_low, g_low = run(ref, x, gout)
     o32, g32 = run(copy.deepcopy(ref).float(), x.float(), gout.float())

@@ -1,6 +1,8 @@
 """CBAM: fastnn's fused op and modules against the tutorial module, timm's CbamModule, a paper-style
 module and fastnn.reference, forward and backward."""
 import copy
+import os
+import shutil
 
 import pytest
 import torch
@@ -19,6 +21,21 @@ except Exception:  # timm missing or not importable beside this torch
     CbamModule = None
 
 needs_timm = pytest.mark.skipif(CbamModule is None, reason="timm is not importable")
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """fp32 comparisons on CUDA without TF32: cuDNN convolutions (the references' 1x1 MLP convs and
+    spatial conv) default to TF32 on Ampere and later, ~1e-3 relative off fp32. Restored after."""
+    if not HAS_CUDA:
+        yield
+        return
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
 needs_ext = pytest.mark.skipif(not cbam_ops._HAVE_OPS, reason="fastnn._C with the cbam kernels is not built")
 
 
@@ -590,13 +607,121 @@ def test_cpp_checks_for_direct_callers():
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("max_ties", ["first", "split"])
 @pytest.mark.parametrize("training", [True, False])
-@pytest.mark.parametrize("fused", ["1", "0"])
-def test_resnet_stage_shapes(device, C, HW, layout, max_ties, training, fused, monkeypatch):
-    # ResNet-50's stage shapes (batch 4), both layouts and tie rules, BN in train and eval mode; on CUDA
-    # the small samples run the one-launch forward unless FASTNN_CBAM_FUSED=0
-    monkeypatch.setenv("FASTNN_CBAM_FUSED", fused)
+@pytest.mark.parametrize("path", ["whole", "legacy"])
+def test_resnet_stage_shapes(device, C, HW, layout, max_ties, training, path, monkeypatch):
+    # ResNet-50's stage shapes (batch 4), both layouts and tie rules, BN in train and eval mode, through
+    # the whole-op CUDA kernels and the generic orchestration (FASTNN_CBAM_CUDA_LEGACY=1)
+    monkeypatch.setenv("FASTNN_CBAM_CUDA_LEGACY", "1" if path == "legacy" else "0")
     f = _randomize(CBAM(C, max_ties=max_ties, spatial_bn=True)).to(device).train(training)
     ref = copy.deepcopy(f)
     ref.backend = "reference"
     x = _layout(torch.randn(4, C, HW, HW, device=device), layout)
     _compare(f, ref, x)
+
+
+# ---------------------------------------------------------------- the CUDA kernels, emulated on the CPU
+# tests/cbam_cuda_emu.cpp compiles csrc/cbam/cuda/cbam_cuda_fast.cu as C++ and runs every launch
+# with a CPU thread per CUDA thread (barriers for __syncthreads and warp shuffles, alignment checks
+# on vector accesses): the GPU path's indexing, reductions, partial sums and launch logic are
+# compared here with the CPU op, which writes the same saved buffers. Building it takes about a
+# minute (cached by torch.utils.cpp_extension); FASTNN_TEST_CUDA_EMU=0 skips it. For out-of-bounds
+# accesses: FASTNN_TEST_CUDA_EMU_ASAN=1 LD_PRELOAD=$(gcc -print-file-name=libasan.so)
+# ASAN_OPTIONS=detect_leaks=0 (AddressSanitizer).
+_EMU = {}
+needs_emu = pytest.mark.skipif(os.environ.get("FASTNN_TEST_CUDA_EMU") == "0" or shutil.which("c++") is None,
+                               reason="CUDA-kernel emulation off (FASTNN_TEST_CUDA_EMU=0) or no host C++ compiler")
+
+
+def _cuda_emulator():
+    if "mod" not in _EMU:
+        from torch.utils.cpp_extension import load
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        asan = os.environ.get("FASTNN_TEST_CUDA_EMU_ASAN") == "1"
+        san = ["-fsanitize=address", "-fno-omit-frame-pointer"] if asan else []
+        # load() rebuilds when the listed source or the flags change: put the included kernels' and
+        # headers' contents into the flags
+        import hashlib
+        h = hashlib.sha1()
+        for sub in ("cuda/cbam_cuda_fast.cu", "cuda/cbam_cuda.h", "cbam_math.h", "cbam_saved.h", "cbam_params.h"):
+            with open(os.path.join(root, "csrc", "cbam", sub), "rb") as f:
+                h.update(f.read())
+        _EMU["mod"] = load(name="fastnn_cbam_cuda_emu" + ("_asan" if asan else ""),
+                           sources=[os.path.join(root, "tests", "cbam_cuda_emu.cpp")],
+                           extra_include_paths=[os.path.join(root, "csrc")],
+                           extra_cflags=["-O1", "-std=c++20", "-pthread", f"-DCBAM_EMU_SOURCES={h.hexdigest()[:16]}"] + san,
+                           extra_ldflags=["-pthread"] + san[:1], verbose=False)
+    return _EMU["mod"]
+
+
+def _saved_regions(N, C, P, Cr, bn):
+    """(name, offset, length) of the meaningful parts of saved / saved_idx (csrc/cbam/cbam_saved.h)."""
+    def pad(n):
+        return (n + 15) // 16 * 16
+    out, o = [], 0
+    for name, n in (("g", N * C), ("s", N * P), ("pc", 2 * N * C), ("ps", 2 * N * P), ("co", N * P),
+                    ("h", 2 * N * Cr)):
+        out.append((name, o, n))
+        o += pad(n)
+    if bn:
+        out.append(("bn", o, 2))
+    return out, [("sel_c", 0, N * C), ("sel_s", pad(N * C), N * P)]
+
+
+@needs_ext
+@needs_emu
+@pytest.mark.parametrize("shape, layout, dtype, variant, sms", [
+    ((2, 24, 5, 7, 3, 3), "nchw", torch.float32, "tutorial", 4),
+    ((2, 24, 5, 7, 3, 3), "channels_last", torch.bfloat16, "timm_train", 4),
+    ((3, 40, 13, 17, 5, 7), "nchw", torch.bfloat16, "paper_eval", 4),
+    ((3, 40, 13, 17, 5, 7), "channels_last", torch.float32, "tutorial_bias", 4),
+    ((2, 256, 4, 4, 16, 3), "nchw", torch.float32, "timm_train", 16),    # row splits, pool merge
+    ((2, 80, 6, 5, 40, 7), "channels_last", torch.float16, "paper_eval", 16),  # hidden > 32
+    ((2, 12, 9, 10, 3, 1), "nchw", torch.float64, "timm_train", 4),
+    ((1, 64, 20, 24, 4, 9), "nchw", torch.float32, "tutorial", 16),      # 32 lanes per row
+    ((2, 24, 12, 16, 6, 5), "nchw", torch.bfloat16, "tutorial", 64),     # 16 lanes per row
+    ((2, 8, 1, 1, 1, 3), "nchw", torch.float32, "timm_train", 4),
+])
+def test_cuda_kernels_emulated_on_cpu(shape, layout, dtype, variant, sms, monkeypatch):
+    monkeypatch.setenv("FASTNN_CBAM_EMU_SMS", str(sms))  # the emulated GPU's SM count: grid splits
+    emu = _cuda_emulator()
+    N, C, H, W, Cr, k = shape
+    bias = variant in ("paper_eval", "tutorial_bias")
+    bn, training = variant.startswith(("timm", "paper")), variant.endswith("train")
+    mean_first, first = variant != "paper_eval", not variant.startswith("timm")
+    g = torch.Generator().manual_seed(11)
+    x = torch.randint(-2, 3, (N, C, H, W), generator=g).to(dtype) if not first else torch.randn(
+        N, C, H, W, generator=g).to(dtype)  # ties for the split rule
+    x = _layout(x, layout)
+
+    def p(*s):
+        return (torch.randn(*s, generator=g) * 0.4).to(dtype)
+    args = (x, p(Cr, C, 1, 1), p(Cr) if bias else None, p(C, Cr), p(C) if bias else None, p(1, 2, k, k),
+            p(1) if bias else None, p(1) + 1 if bn else None, p(1) if bn else None,
+            torch.full((1,), 0.2, dtype=dtype) if bn else None, torch.full((1,), 1.7, dtype=dtype) if bn else None,
+            bn, training, 1e-5, mean_first, first)
+    lowp = dtype in LOWP
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        ref = torch.ops.fastnn.cbam(*args)
+        got = emu.forward(*args)
+    torch.testing.assert_close(got[0], ref[0], **(dict(rtol=2e-2, atol=2e-2) if lowp else tol))
+    regions, iregions = _saved_regions(N, C, H * W, Cr, bn)
+    for name, o, n in regions:
+        torch.testing.assert_close(got[1][o:o + n], ref[1][o:o + n], **tol, msg=name)
+    for name, o, n in iregions:
+        assert torch.equal(got[2][o:o + n], ref[2][o:o + n]), name
+    used = torch.zeros(got[1].numel(), dtype=torch.bool)
+    for _, o, n in regions:
+        used[o:o + n] = True
+    assert (got[1][~used] == 0).all() and (ref[1][~used] == 0).all()
+    # the backward, both sides on the emulated forward's saved buffers
+    gout = _layout(torch.randn(x.shape, generator=g).to(dtype), layout)
+    for need_x in (True, False):
+        bargs = (gout, *args[:9], *args[11:16], got[1], got[2], need_x)
+        gr, ge = torch.ops.fastnn.cbam_backward(*bargs), emu.backward(*bargs)
+        assert len(gr) == len(ge)
+        for i, (a, b) in enumerate(zip(ge, gr)):
+            assert a.shape == b.shape and a.dtype == b.dtype, i
+            scale = max(1.0, b.double().abs().max().item())
+            t = dict(rtol=3e-2, atol=3e-2 * scale) if lowp else dict(rtol=tol["rtol"], atol=tol["atol"] * scale)
+            torch.testing.assert_close(a, b, **t, msg=f"gradient {i}")

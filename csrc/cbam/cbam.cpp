@@ -2,24 +2,38 @@
 //
 // Forward (x read 3 times, out written once):
 //   1. channel_pool  : mean and max over H*W per (n, c)                 [x-sized pass]
-//   2. channel gate g = sigmoid(MLP(mean) + MLP(max))                   [ATen ops on [2N, C]]
+//   2. channel gate g = sigmoid(MLP(mean) + MLP(max))                   [small: [2N, C]]
 //   3. spatial_pool  : mean and max over C of x*g per (n, p)             [x-sized pass; x*g is not stored]
-//   4. spatial gate s = sigmoid(BN(conv_kxk([mean, max])))               [ATen ops on [N, 2, H, W]]
+//   4. spatial gate s = sigmoid(BN(conv_kxk([mean, max])))               [small: [N, 2, H, W]]
 //   5. apply_gates   : out = (x*g)*s                                     [x-sized pass]
 // Backward (x read 3 times (2 with max_first_index), grad_out read twice, grad_x written once):
 //   1. backward_reduce: ds = sum_c dout*x*g and dL/dg (direct part) = sum_p dout*x*s, one pass
-//   2. ATen: ds -> sigmoid' -> BN backward -> conv backward -> d(mean_c), d(max_c), dW_conv, dBN
+//   2. small: ds -> sigmoid' -> BN backward -> conv backward -> d(mean_c), d(max_c), dW_conv, dBN
 //   3. backward_gate  : dL/dg through the spatial pool = sum_p x*(dmean/C + [argmax] dmax)
-//   4. ATen: dL/dg -> sigmoid' -> MLP backward -> d(mean_p), d(max_p), dW1, db1, dW2, db2
+//   4. small: dL/dg -> sigmoid' -> MLP backward -> d(mean_p), d(max_p), dW1, db1, dW2, db2
 //   5. backward_input : grad_x from all paths in one elementwise pass
-// Nothing of x's size is saved besides x itself: the op returns the small gates, pooled maps and
-// max indices (or tie counts) for the backward. The small ATen parts run in the accumulation type
-// (float, or double for double inputs) whatever the dtype of x and of the parameters.
+// Nothing of x's size is saved besides x itself: the op returns the small gates, pooled maps, the
+// MLP's hidden layer and the max indices (or tie counts), packed in two flat buffers (cbam_saved.h).
+// The small parts run in the accumulation type (float, or double for double inputs) whatever the
+// dtype of x and of the parameters.
+//
+// Two orchestrations:
+//   - generic (below): the device's x-sized passes (Kernels) and ATen ops for the small parts. The
+//     CPU runs it; CUDA runs it with FASTNN_CBAM_CUDA_LEGACY=1 (the first GPU-validated path, kept
+//     for A/B comparisons and as a fallback).
+//   - CUDA whole-op (cuda/cbam_cuda_fast.cu): every step, the MLP and the conv included, in custom
+//     kernels (about 7 launches each way and no ATen ops): at the ResNet shapes the ATen version was
+//     bound by per-op host work, not by the GPU.
 #include <ATen/ATen.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <ATen/record_function.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <cstring>
+
+#include "cbam/cbam_params.h"
+#include "cbam/cbam_saved.h"
 #include "cbam/cpu/cbam_cpu.h"
 #include "common/checks.h"
 #ifdef FASTNN_WITH_CUDA
@@ -33,11 +47,10 @@ namespace {
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 
-// The whole forward in one launch where it applies (cuda/cbam_cuda.h: fused_forward)
-using FusedForwardFn = bool (*)(const Tensor&, bool, bool, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                const Tensor&, double, Tensor&, Tensor&, Tensor&, Tensor&, Tensor&, Tensor&, Tensor&,
-                                Tensor&);
+// the whole op in a device's own kernels (cuda/cbam_cuda.h); false: not handled, run the generic path
+using WholeForwardFn = bool (*)(const Tensor&, bool, const OpParams&, Tensor&, Tensor&, Tensor&);
+using WholeBackwardFn = bool (*)(const Tensor&, const Tensor&, bool, const OpParams&, const Tensor&, const Tensor&,
+                                 bool, std::vector<Tensor>&);
 
 // The x-sized passes of one device (signatures as in cpu/cbam_cpu.h).
 struct Kernels {
@@ -50,17 +63,25 @@ struct Kernels {
   // the spatial gate's small conv; null: use ATen's convolution (cuDNN on the GPU)
   decltype(&cpu::spatial_conv) spatial_conv;
   decltype(&cpu::spatial_conv_backward) spatial_conv_backward;
-  FusedForwardFn fused_forward;  // null: always the multi-kernel forward
+  // the whole op in the device's own kernels; null: always the generic orchestration
+  WholeForwardFn whole_forward;
+  WholeBackwardFn whole_backward;
 };
 
 const Kernels kCpu{cpu::channel_pool,    cpu::spatial_pool,  cpu::apply_gates,  cpu::backward_reduce,
                    cpu::backward_gate,    cpu::backward_input, cpu::spatial_conv, cpu::spatial_conv_backward,
-                   nullptr};
+                   nullptr,               nullptr};
 #ifdef FASTNN_WITH_CUDA
 const Kernels kCuda{cuda::channel_pool,  cuda::spatial_pool,  cuda::apply_gates, cuda::backward_reduce,
                     cuda::backward_gate, cuda::backward_input, nullptr,           nullptr,
-                    cuda::fused_forward};
+                    cuda::forward,       cuda::backward};
 #endif
+
+// FASTNN_CBAM_CUDA_LEGACY=1: CUDA runs the generic orchestration (read per call: tests flip it)
+bool legacy_requested() {
+  const char* env = std::getenv("FASTNN_CBAM_CUDA_LEGACY");
+  return env != nullptr && std::strcmp(env, "1") == 0;
+}
 
 // The layout the kernels run in: channels_last when x is channels_last (and not also NCHW
 // contiguous, e.g. 1x1 maps), else NCHW. Other strides are copied to NCHW first.
@@ -74,13 +95,7 @@ Tensor in_layout(const Tensor& t, bool cl) {
 
 at::ScalarType acc_type(const Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
-Tensor acc(const OptTensor& t, at::ScalarType a) {
-  return t.has_value() && t->defined() ? t->to(a) : Tensor();
-}
-
-// Stands for an absent gradient: one zero element (0-element tensors would all share a null data
-// pointer and count as aliasing each other, which the fake kernels cannot mirror).
-Tensor empty0(const Tensor& like) { return at::zeros({1}, like.options()); }
+Tensor opt(const OptTensor& t) { return t.has_value() ? *t : Tensor(); }
 
 void check_x(const Tensor& x, const char* name = "x") {
   check_dim(x, 4, name);
@@ -98,9 +113,14 @@ bool is_mlp_weight(const Tensor& w) {
 // the MLP weight as [out, in] in the accumulation type
 Tensor mlp_weight(const Tensor& w, at::ScalarType a) { return w.to(a).reshape({w.size(0), w.size(1)}); }
 
+void check_param(const Tensor& x, const Tensor& t, const char* name) {
+  check_floating(t, name);
+  check_same_device(x, "x", t, name);
+}
+
 void check_params(const Tensor& x, const Tensor& w1, const OptTensor& b1, const Tensor& w2, const OptTensor& b2,
-                  const Tensor& cw, const OptTensor& cb, bool spatial_bn, bool bn_training, const OptTensor& rm,
-                  const OptTensor& rv) {
+                  const Tensor& cw, const OptTensor& cb, const OptTensor& bnw, const OptTensor& bnb,
+                  bool spatial_bn, bool bn_training, const OptTensor& rm, const OptTensor& rv, bool forward) {
   check_x(x);
   const int64_t C = x.size(1);
   TORCH_CHECK_VALUE(is_mlp_weight(w1) && w1.size(1) == C && w1.size(0) >= 1, "w1 must be [hidden, C] = [*, ", C,
@@ -114,26 +134,74 @@ void check_params(const Tensor& x, const Tensor& w1, const OptTensor& b1, const 
                         cw.size(2) % 2 == 1,
                     "conv_weight must be [1, 2, k, k] with odd k, got ", cw.sizes());
   if (cb.has_value()) TORCH_CHECK_VALUE(cb->numel() == 1, "conv_bias must have 1 element, got ", cb->sizes());
-  if (spatial_bn && !bn_training)
-    TORCH_CHECK_VALUE(rm.has_value() && rv.has_value() && rm->numel() == 1 && rv->numel() == 1,
-                      "spatial BN in eval mode needs running_mean and running_var of one element each");
-  if (spatial_bn && bn_training)
+  if (forward && spatial_bn && !bn_training)
+    TORCH_CHECK_VALUE(rm.has_value() && rv.has_value(),
+                      "spatial BN in eval mode needs running_mean and running_var");
+  if (forward && spatial_bn && bn_training)
     TORCH_CHECK_VALUE(x.size(0) * x.size(2) * x.size(3) > 1,
                       "spatial BN in training mode needs more than 1 value (N*H*W > 1), got shape ", x.sizes());
-  for (const Tensor* t : {&w1, &w2, &cw}) check_same_device(x, "x", *t, "a parameter");
+  check_param(x, w1, "w1");
+  check_param(x, w2, "w2");
+  check_param(x, cw, "conv_weight");
+  const std::pair<const OptTensor*, const char*> optional[] = {{&b1, "b1"},        {&b2, "b2"},
+                                                               {&cb, "conv_bias"}, {&bnw, "bn_weight"},
+                                                               {&bnb, "bn_bias"},  {&rm, "bn_running_mean"},
+                                                               {&rv, "bn_running_var"}};
+  for (const auto& [t, name] : optional) {
+    if (!t->has_value()) continue;
+    check_param(x, **t, name);
+    if (std::strncmp(name, "bn_", 3) == 0)
+      TORCH_CHECK_VALUE((*t)->numel() == 1, name, " must have 1 element, got ", (*t)->sizes());
+  }
 }
 
-// MLP of the channel gate on v = [mean; max] ([2N, C]): returns the pre-ReLU hidden [2N, Cr]
-Tensor mlp_hidden(const Tensor& v, const Tensor& W1, const Tensor& B1) {
-  return B1.defined() ? at::addmm(B1, v, W1.t()) : at::mm(v, W1.t());
+OpParams make_params(const Tensor& w1, const OptTensor& b1, const Tensor& w2, const OptTensor& b2, const Tensor& cw,
+                     const OptTensor& cb, const OptTensor& bnw, const OptTensor& bnb, const OptTensor& rm,
+                     const OptTensor& rv, bool spatial_bn, bool bn_training, double eps, bool mean_first,
+                     bool first) {
+  OpParams p;
+  p.w1 = w1;
+  p.b1 = opt(b1);
+  p.w2 = w2;
+  p.b2 = opt(b2);
+  p.cw = cw;
+  p.cb = opt(cb);
+  if (spatial_bn) {  // the BN's tensors only count with the BN
+    p.bnw = opt(bnw);
+    p.bnb = opt(bnb);
+    p.rm = opt(rm);
+    p.rv = opt(rv);
+  }
+  p.eps = eps;
+  p.spatial_bn = spatial_bn;
+  p.bn_training = bn_training;
+  p.mean_first = mean_first;
+  p.first = first;
+  return p;
 }
 
-Tensor channel_gate(const Tensor& pooled_c, const Tensor& W1, const Tensor& B1, const Tensor& W2,
-                    const Tensor& B2) {
-  const int64_t N = pooled_c.size(1), C = pooled_c.size(2);
-  Tensor r = at::relu(mlp_hidden(pooled_c.view({2 * N, C}), W1, B1));
-  Tensor z2 = B2.defined() ? at::addmm(B2, r, W2.t()) : at::mm(r, W2.t());
-  return at::sigmoid(z2.narrow(0, 0, N) + z2.narrow(0, N, N));
+// The saved buffers as tensors of their own shapes (views; see cbam_saved.h)
+struct Views {
+  Tensor g, s, pc, ps, co, h, bn, selc, sels;
+};
+
+Views views_of(const Tensor& saved, const Tensor& saved_idx, const SavedLayout& L, int64_t N, int64_t C, int64_t H,
+               int64_t W, int64_t Cr) {
+  const int64_t P = H * W;
+  auto part = [&](const Tensor& buf, int64_t off, at::IntArrayRef shape, int64_t n) {
+    return buf.narrow(0, off, n).view(shape);
+  };
+  Views v;
+  v.g = part(saved, L.g, {N, C}, N * C);
+  v.s = part(saved, L.s, {N, 1, H, W}, N * P);
+  v.pc = part(saved, L.pc, {2, N, C}, 2 * N * C);
+  v.ps = part(saved, L.ps, {N, 2, H, W}, 2 * N * P);
+  v.co = part(saved, L.co, {N, 1, H, W}, N * P);
+  v.h = part(saved, L.h, {2 * N, Cr}, 2 * N * Cr);
+  v.bn = saved.narrow(0, L.bn, L.total - L.bn);
+  v.selc = part(saved_idx, L.selc, {N, C}, N * C);
+  v.sels = part(saved_idx, L.sels, {N, H, W}, N * P);
+  return v;
 }
 
 // conv weight in [mean, max] input order (the kernels always produce mean first)
@@ -142,17 +210,18 @@ Tensor conv_weight_mean_first(const Tensor& cw, at::ScalarType a, bool mean_firs
   return (mean_first ? w : w.flip({1})).contiguous();
 }
 
-// y = conv2d(ps, w, b, padding k/2) on [N, 2, H, W] -> [N, 1, H, W]
-Tensor spatial_conv(const Kernels& K, const Tensor& ps, const Tensor& w, const Tensor& b) {
+// y = conv2d(ps, w, b, padding k/2) on [N, 2, H, W] -> y [N, 1, H, W] (written in place)
+void spatial_conv(const Kernels& K, const Tensor& ps, const Tensor& w, const Tensor& b, Tensor& y) {
   const int64_t k = w.size(2);
-  if (!K.spatial_conv) return at::conv2d(ps, w, b, {1, 1}, {k / 2, k / 2});
-  Tensor y = at::empty({ps.size(0), 1, ps.size(2), ps.size(3)}, ps.options());
+  if (!K.spatial_conv) {
+    y.copy_(at::conv2d(ps, w, b, {1, 1}, {k / 2, k / 2}));
+    return;
+  }
   {
     RECORD_FUNCTION("cbam::spatial_conv", std::vector<c10::IValue>());
     K.spatial_conv(ps, w, y);
   }
   if (b.defined()) y.add_(b.reshape({}));
-  return y;
 }
 
 // (d ps, d w, d b) of spatial_conv; d b is undefined without a bias
@@ -174,105 +243,94 @@ std::tuple<Tensor, Tensor, Tensor> spatial_conv_backward(const Kernels& K, const
   return {dps, dw, has_bias ? dyc.sum().reshape({1}) : Tensor()};
 }
 
-using FwdOut = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+using FwdOut = std::tuple<Tensor, Tensor, Tensor>;
+
+// the generic forward: fills out, saved and saved_idx (allocated by the caller)
+void generic_forward(const Kernels& K, const Tensor& xc, bool cl, const OpParams& p, Tensor& out, Tensor& saved,
+                     Tensor& saved_idx) {
+  const auto a = acc_type(xc);
+  const int64_t N = xc.size(0), C = xc.size(1), H = xc.size(2), W = xc.size(3), Cr = p.w1.size(0);
+  const SavedLayout L = SavedLayout::make(N, C, H * W, Cr, p.spatial_bn);
+  saved.zero_();  // the padding between the regions (cbam_saved.h)
+  saved_idx.zero_();
+  Views v = views_of(saved, saved_idx, L, N, C, H, W, Cr);
+  {
+    RECORD_FUNCTION("cbam::channel_pool", std::vector<c10::IValue>());
+    K.channel_pool(xc, cl, p.first, v.pc, v.selc);
+  }
+  // g = sigmoid(MLP(mean) + MLP(max)); the hidden layer (before the ReLU) is kept for the backward
+  Tensor W1 = mlp_weight(p.w1, a), W2 = mlp_weight(p.w2, a);
+  Tensor B1 = p.b1.defined() ? p.b1.to(a) : Tensor(), B2 = p.b2.defined() ? p.b2.to(a) : Tensor();
+  Tensor pcv = v.pc.view({2 * N, C});
+  if (B1.defined())
+    at::addmm_out(v.h, B1, pcv, W1.t());
+  else
+    at::mm_out(v.h, pcv, W1.t());
+  Tensor r = at::relu(v.h);
+  Tensor z2 = B2.defined() ? at::addmm(B2, r, W2.t()) : at::mm(r, W2.t());
+  at::sigmoid_out(v.g, z2.narrow(0, 0, N) + z2.narrow(0, N, N));
+  {
+    RECORD_FUNCTION("cbam::spatial_pool", std::vector<c10::IValue>());
+    K.spatial_pool(xc, cl, v.g, p.first, v.ps, v.sels);
+  }
+  Tensor cb = p.cb.defined() ? p.cb.to(a) : Tensor();
+  spatial_conv(K, v.ps, conv_weight_mean_first(p.cw, a, p.mean_first), cb, v.co);
+  Tensor y = v.co;
+  if (p.spatial_bn) {
+    Tensor mean, var;
+    if (p.bn_training) {
+      mean = y.mean();
+      var = (y - mean).square().mean();  // biased, as BatchNorm normalizes with
+    } else {
+      mean = p.rm.to(a).reshape({});
+      var = p.rv.to(a).reshape({});
+    }
+    y = (y - mean) * at::rsqrt(var + p.eps);
+    if (p.bnw.defined()) y = y * p.bnw.to(a).reshape({});
+    if (p.bnb.defined()) y = y + p.bnb.to(a).reshape({});
+    v.bn.copy_(at::stack({mean, var}));
+  }
+  at::sigmoid_out(v.s, y);
+  {
+    RECORD_FUNCTION("cbam::apply_gates", std::vector<c10::IValue>());
+    K.apply_gates(xc, cl, v.g, v.s, out);
+  }
+}
 
 FwdOut cbam_forward(const Kernels& K, const Tensor& x, const Tensor& w1, const OptTensor& b1, const Tensor& w2,
                     const OptTensor& b2, const Tensor& conv_weight, const OptTensor& conv_bias,
                     const OptTensor& bn_weight, const OptTensor& bn_bias, const OptTensor& bn_running_mean,
                     const OptTensor& bn_running_var, bool spatial_bn, bool bn_training, double bn_eps,
                     bool mean_first, bool max_first_index) {
-  check_params(x, w1, b1, w2, b2, conv_weight, conv_bias, spatial_bn, bn_training, bn_running_mean, bn_running_var);
-  // the small ATen parts run in the accumulation type, also under autocast
+  check_params(x, w1, b1, w2, b2, conv_weight, conv_bias, bn_weight, bn_bias, spatial_bn, bn_training,
+               bn_running_mean, bn_running_var, /*forward=*/true);
+  // the small parts run in the accumulation type, also under autocast
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const bool cl = use_channels_last(x);
-  const bool first = max_first_index;
   Tensor xc = in_layout(x, cl);
-  const auto a = acc_type(x);
-  auto opts = x.options().dtype(a);
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-
-  Tensor pooled_c = at::empty({2, N, C}, opts), sel_c = at::empty({N, C}, opts.dtype(at::kInt));
-  if (K.fused_forward && !(spatial_bn && bn_training)) {
-    // small samples: everything in one launch (BN statistics from the running buffers only)
-    Tensor g = at::empty({N, C}, opts), s = at::empty({N, 1, H, W}, opts);
-    Tensor pooled_s = at::empty({N, 2, H, W}, opts), conv_out = at::empty({N, 1, H, W}, opts);
-    Tensor sel_s = at::empty({N, H, W}, opts.dtype(at::kInt)), out = at::empty_like(xc);
-    Tensor rm = spatial_bn ? acc(bn_running_mean, a) : Tensor(), rv = spatial_bn ? acc(bn_running_var, a) : Tensor();
-    Tensor bw = spatial_bn ? acc(bn_weight, a) : Tensor(), bb = spatial_bn ? acc(bn_bias, a) : Tensor();
-    bool done;
-    {
-      RECORD_FUNCTION("cbam::fused_forward", std::vector<c10::IValue>());
-      done = K.fused_forward(xc, cl, first, mlp_weight(w1, a).contiguous(), acc(b1, a),
-                             mlp_weight(w2, a).contiguous(), acc(b2, a),
-                             conv_weight_mean_first(conv_weight, a, mean_first), acc(conv_bias, a), rm, rv, bw, bb,
-                             bn_eps, out, g, s, pooled_c, pooled_s, conv_out, sel_c, sel_s);
-    }
-    if (done) {
-      Tensor bn_stats = spatial_bn ? at::stack({rm.reshape({}), rv.reshape({})}) : at::empty({0}, opts);
-      return {out, g, s, pooled_c, pooled_s, conv_out, sel_c, sel_s, bn_stats};
-    }
-  }
-  {
-    RECORD_FUNCTION("cbam::channel_pool", std::vector<c10::IValue>());
-    K.channel_pool(xc, cl, first, pooled_c, sel_c);
-  }
-  Tensor g = channel_gate(pooled_c, mlp_weight(w1, a), acc(b1, a), mlp_weight(w2, a), acc(b2, a));
-
-  Tensor pooled_s = at::empty({N, 2, H, W}, opts), sel_s = at::empty({N, H, W}, opts.dtype(at::kInt));
-  {
-    RECORD_FUNCTION("cbam::spatial_pool", std::vector<c10::IValue>());
-    K.spatial_pool(xc, cl, g, first, pooled_s, sel_s);
-  }
-  Tensor y = spatial_conv(K, pooled_s, conv_weight_mean_first(conv_weight, a, mean_first), acc(conv_bias, a));
-  Tensor conv_out = y;
-  Tensor bn_stats = at::empty({0}, opts);
-  if (spatial_bn) {
-    Tensor mean, var;
-    if (bn_training) {
-      mean = y.mean();
-      var = (y - mean).square().mean();  // biased, as BatchNorm normalizes with
-    } else {
-      mean = bn_running_mean->to(a).reshape({});
-      var = bn_running_var->to(a).reshape({});
-    }
-    y = (y - mean) * at::rsqrt(var + bn_eps);
-    Tensor bw = acc(bn_weight, a), bb = acc(bn_bias, a);
-    if (bw.defined()) y = y * bw.reshape({});
-    if (bb.defined()) y = y + bb.reshape({});
-    bn_stats = at::stack({mean, var});
-  }
-  Tensor s = at::sigmoid(y).contiguous();  // [N, 1, H, W]
+  const int64_t N = x.size(0), C = x.size(1), P = x.size(2) * x.size(3), Cr = w1.size(0);
+  const SavedLayout L = SavedLayout::make(N, C, P, Cr, spatial_bn);
   Tensor out = at::empty_like(xc);
-  {
-    RECORD_FUNCTION("cbam::apply_gates", std::vector<c10::IValue>());
-    K.apply_gates(xc, cl, g, s, out);
-  }
-  return {out, g, s, pooled_c, pooled_s, conv_out, sel_c, sel_s, bn_stats};
+  Tensor saved = at::empty({L.total}, x.options().dtype(acc_type(x)));
+  Tensor saved_idx = at::empty({L.itotal}, x.options().dtype(at::kInt));
+  const OpParams p = make_params(w1, b1, w2, b2, conv_weight, conv_bias, bn_weight, bn_bias, bn_running_mean,
+                                 bn_running_var, spatial_bn, bn_training, bn_eps, mean_first, max_first_index);
+  if (!(K.whole_forward && !legacy_requested() && K.whole_forward(xc, cl, p, out, saved, saved_idx)))
+    generic_forward(K, xc, cl, p, out, saved, saved_idx);
+  return {out, saved, saved_idx};
 }
 
-using BwdOut = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
-
-BwdOut cbam_backward(const Kernels& K, const Tensor& grad_out, const Tensor& x, const Tensor& w1,
-                     const OptTensor& b1, const Tensor& w2, const OptTensor& b2, const Tensor& conv_weight,
-                     const OptTensor& conv_bias, const OptTensor& bn_weight, const OptTensor& bn_bias, bool spatial_bn,
-                     bool bn_training, double bn_eps, bool mean_first, bool max_first_index, const Tensor& gate_c,
-                     const Tensor& gate_s, const Tensor& pooled_c, const Tensor& pooled_s, const Tensor& conv_out,
-                     const Tensor& sel_c, const Tensor& sel_s, const Tensor& bn_stats, bool needs_input_grad) {
-  check_x(x);
-  TORCH_CHECK_VALUE(grad_out.sizes() == x.sizes(), "grad_out must have x's shape ", x.sizes(), ", got ",
-                    grad_out.sizes());
-  TORCH_CHECK_TYPE(grad_out.scalar_type() == x.scalar_type(), "grad_out must have x's dtype ", x.scalar_type(),
-                   ", got ", grad_out.scalar_type());
-  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  const bool cl = use_channels_last(x);
-  const bool first = max_first_index;
-  Tensor xc = in_layout(x, cl), dout = in_layout(grad_out, cl);
-  const auto a = acc_type(x);
-  auto opts = x.options().dtype(a);
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), P = H * W;
-  Tensor g = gate_c.contiguous(), s = gate_s.contiguous();
-  Tensor pc = pooled_c.contiguous(), ps = pooled_s.contiguous(), selc = sel_c.contiguous(),
-         sels = sel_s.contiguous();
+// the generic backward; returns the gradients in cbam_backward's order (see the schema)
+std::vector<Tensor> generic_backward(const Kernels& K, const Tensor& dout, const Tensor& xc, bool cl,
+                                     const OpParams& p, const Tensor& saved, const Tensor& saved_idx,
+                                     bool needs_input_grad) {
+  const auto a = acc_type(xc);
+  auto opts = xc.options().dtype(a);
+  const int64_t N = xc.size(0), C = xc.size(1), H = xc.size(2), W = xc.size(3), P = H * W, Cr = p.w1.size(0);
+  const SavedLayout L = SavedLayout::make(N, C, P, Cr, p.spatial_bn);
+  const Views v = views_of(saved, saved_idx, L, N, C, H, W, Cr);
+  const bool first = p.first;
+  const Tensor &g = v.g, &s = v.s, &pc = v.pc, &ps = v.ps, &selc = v.selc, &sels = v.sels;
 
   // 1. the two reductions of dout*x
   Tensor ds = at::empty({N, 1, H, W}, opts), dg = at::empty({N, C}, opts);
@@ -283,25 +341,24 @@ BwdOut cbam_backward(const Kernels& K, const Tensor& grad_out, const Tensor& x, 
 
   // 2. spatial gate backward: sigmoid, BN, conv
   Tensor dy = ds * s * (1 - s);
-  Tensor wc = conv_weight_mean_first(conv_weight, a, mean_first);
-  Tensor cb = acc(conv_bias, a);
-  Tensor d_bn_w = empty0(pooled_s), d_bn_b = empty0(pooled_s);
-  if (spatial_bn) {
-    const Tensor& y = conv_out;
-    Tensor mean = bn_stats[0], invstd = at::rsqrt(bn_stats[1] + bn_eps);
+  Tensor wc = conv_weight_mean_first(p.cw, a, p.mean_first);
+  const bool has_cb = p.cb.defined();
+  Tensor d_bn_w, d_bn_b;
+  if (p.spatial_bn) {
+    const Tensor& y = v.co;
+    Tensor mean = v.bn[0], invstd = at::rsqrt(v.bn[1] + p.eps);
     Tensor xhat = (y - mean) * invstd;
-    Tensor bw = acc(bn_weight, a);
-    if (bw.defined()) d_bn_w = (dy * xhat).sum().reshape({1}).to(bn_weight->scalar_type());
-    if (bn_bias.has_value()) d_bn_b = dy.sum().reshape({1}).to(bn_bias->scalar_type());
+    Tensor bw = p.bnw.defined() ? p.bnw.to(a) : Tensor();
+    if (bw.defined()) d_bn_w = (dy * xhat).sum().reshape(p.bnw.sizes()).to(p.bnw.scalar_type());
+    if (p.bnb.defined()) d_bn_b = dy.sum().reshape(p.bnb.sizes()).to(p.bnb.scalar_type());
     Tensor scale = bw.defined() ? invstd * bw.reshape({}) : invstd;
-    dy = bn_training ? scale * (dy - dy.mean() - xhat * (dy * xhat).mean()) : scale * dy;
+    dy = p.bn_training ? scale * (dy - dy.mean() - xhat * (dy * xhat).mean()) : scale * dy;
   }
-  auto conv_grads = spatial_conv_backward(K, dy, ps, wc, cb.defined());
+  auto conv_grads = spatial_conv_backward(K, dy, ps, wc, has_cb);
   Tensor dps = std::get<0>(conv_grads);
   Tensor dwc = std::get<1>(conv_grads);
-  if (!mean_first) dwc = dwc.flip({1});
-  Tensor dcb = cb.defined() ? std::get<2>(conv_grads).reshape(conv_bias->sizes()).to(conv_bias->scalar_type())
-                            : empty0(pooled_s);
+  if (!p.mean_first) dwc = dwc.flip({1});
+  Tensor dcb = has_cb ? std::get<2>(conv_grads).reshape(p.cb.sizes()).to(p.cb.scalar_type()) : Tensor();
   Tensor wa = (dps.select(1, 0) / static_cast<double>(C)).contiguous();  // d(mean_c)/C
   Tensor dm = dps.select(1, 1);
   Tensor em = (first ? dm : dm / sels).contiguous();  // share of d(max_c) per receiving element
@@ -315,40 +372,74 @@ BwdOut cbam_backward(const Kernels& K, const Tensor& grad_out, const Tensor& x, 
   dg.add_(dg2);
 
   // 4. channel gate backward: sigmoid, MLP (shared by the mean and the max rows)
-  Tensor W1 = mlp_weight(w1, a), W2 = mlp_weight(w2, a), B1 = acc(b1, a);
-  Tensor v = pc.view({2 * N, C});
-  Tensor h = mlp_hidden(v, W1, B1);
+  Tensor W1 = mlp_weight(p.w1, a), W2 = mlp_weight(p.w2, a);
+  Tensor pcv = pc.view({2 * N, C});
+  const Tensor& h = v.h;
   Tensor r = at::relu(h);
   Tensor dz = dg * g * (1 - g);                                        // [N, C]
   Tensor dW2 = at::mm(dz.t(), r.narrow(0, 0, N) + r.narrow(0, N, N));  // [C, Cr]
   Tensor dr = at::mm(dz, W2);                                          // [N, Cr], same for both rows
   Tensor dh = at::cat({dr, dr}, 0) * (h > 0);                          // [2N, Cr]
-  Tensor dW1 = at::mm(dh.t(), v);                                      // [Cr, C]
+  Tensor dW1 = at::mm(dh.t(), pcv);                                    // [Cr, C]
   Tensor dv = at::mm(dh, W1);                                          // [2N, C]
-  Tensor db1 = b1.has_value() ? dh.sum(0).to(b1->scalar_type()) : empty0(pooled_c);
-  Tensor db2 = b2.has_value() ? (dz.sum(0) * 2).to(b2->scalar_type()) : empty0(pooled_c);
 
+  std::vector<Tensor> grads;
   // 5. grad_x in one pass
-  Tensor dx = empty0(x);
   if (needs_input_grad) {
     Tensor a2 = (dv.narrow(0, 0, N) / static_cast<double>(P)).contiguous();
     Tensor dmx = dv.narrow(0, N, N);
     Tensor e2 = (first ? dmx : dmx / selc).contiguous();
-    dx = at::empty_like(xc);
+    Tensor dx = at::empty_like(xc);
     {
       RECORD_FUNCTION("cbam::backward_input", std::vector<c10::IValue>());
       K.backward_input(dout, xc, cl, g, s, wa, em, ps, sels, a2, e2, pc, selc, first, dx);
     }
+    grads.push_back(dx);
   }
-  return {dx,
-          dW1.to(w1.scalar_type()).view(w1.sizes()),
-          db1,
-          dW2.to(w2.scalar_type()).view(w2.sizes()),
-          db2,
-          dwc.to(conv_weight.scalar_type()),
-          dcb,
-          d_bn_w,
-          d_bn_b};
+  grads.push_back(dW1.to(p.w1.scalar_type()).view(p.w1.sizes()));
+  grads.push_back(dW2.to(p.w2.scalar_type()).view(p.w2.sizes()));
+  grads.push_back(dwc.to(p.cw.scalar_type()));
+  if (p.b1.defined()) grads.push_back(dh.sum(0).reshape(p.b1.sizes()).to(p.b1.scalar_type()));
+  if (p.b2.defined()) grads.push_back((dz.sum(0) * 2).reshape(p.b2.sizes()).to(p.b2.scalar_type()));
+  if (has_cb) grads.push_back(dcb);
+  if (d_bn_w.defined()) grads.push_back(d_bn_w);
+  if (d_bn_b.defined()) grads.push_back(d_bn_b);
+  return grads;
+}
+
+std::vector<Tensor> cbam_backward(const Kernels& K, const Tensor& grad_out, const Tensor& x, const Tensor& w1,
+                                  const OptTensor& b1, const Tensor& w2, const OptTensor& b2,
+                                  const Tensor& conv_weight, const OptTensor& conv_bias, const OptTensor& bn_weight,
+                                  const OptTensor& bn_bias, bool spatial_bn, bool bn_training, double bn_eps,
+                                  bool mean_first, bool max_first_index, const Tensor& saved,
+                                  const Tensor& saved_idx, bool needs_input_grad) {
+  check_params(x, w1, b1, w2, b2, conv_weight, conv_bias, bn_weight, bn_bias, spatial_bn, bn_training,
+               std::nullopt, std::nullopt, /*forward=*/false);
+  TORCH_CHECK_VALUE(grad_out.sizes() == x.sizes(), "grad_out must have x's shape ", x.sizes(), ", got ",
+                    grad_out.sizes());
+  TORCH_CHECK_TYPE(grad_out.scalar_type() == x.scalar_type(), "grad_out must have x's dtype ", x.scalar_type(),
+                   ", got ", grad_out.scalar_type());
+  const int64_t N = x.size(0), C = x.size(1), P = x.size(2) * x.size(3), Cr = w1.size(0);
+  const SavedLayout L = SavedLayout::make(N, C, P, Cr, spatial_bn);
+  TORCH_CHECK_VALUE(saved.dim() == 1 && saved.numel() == L.total && saved.scalar_type() == acc_type(x) &&
+                        saved.is_contiguous() && saved.device() == x.device(),
+                    "saved must be the forward's saved buffer: 1-D, contiguous, ", L.total, " elements of ",
+                    acc_type(x), " on x's device; got shape ", saved.sizes(), " of ", saved.scalar_type());
+  TORCH_CHECK_VALUE(saved_idx.dim() == 1 && saved_idx.numel() == L.itotal && saved_idx.scalar_type() == at::kInt &&
+                        saved_idx.is_contiguous() && saved_idx.device() == x.device(),
+                    "saved_idx must be the forward's saved_idx buffer: 1-D, contiguous, ", L.itotal,
+                    " int32 elements on x's device; got shape ", saved_idx.sizes(), " of ",
+                    saved_idx.scalar_type());
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const bool cl = use_channels_last(x);
+  Tensor xc = in_layout(x, cl), dout = in_layout(grad_out, cl);
+  const OpParams p = make_params(w1, b1, w2, b2, conv_weight, conv_bias, bn_weight, bn_bias, std::nullopt,
+                                 std::nullopt, spatial_bn, bn_training, bn_eps, mean_first, max_first_index);
+  std::vector<Tensor> grads;
+  if (K.whole_backward && !legacy_requested() &&
+      K.whole_backward(dout, xc, cl, p, saved, saved_idx, needs_input_grad, grads))
+    return grads;
+  return generic_backward(K, dout, xc, cl, p, saved, saved_idx, needs_input_grad);
 }
 
 // ---------------------------------------------------------------- the pools on their own
@@ -426,14 +517,13 @@ struct Impl {
     return cbam_forward(*K, x, w1, b1, w2, b2, cw, cb, bnw, bnb, rm, rv, spatial_bn, bn_training, eps, mean_first,
                         max_first_index);
   }
-  static BwdOut bwd(const Tensor& go, const Tensor& x, const Tensor& w1, const OptTensor& b1, const Tensor& w2,
-                    const OptTensor& b2, const Tensor& cw, const OptTensor& cb, const OptTensor& bnw,
-                    const OptTensor& bnb, bool spatial_bn, bool bn_training, double eps, bool mean_first,
-                    bool max_first_index, const Tensor& gc, const Tensor& gs, const Tensor& pc, const Tensor& ps,
-                    const Tensor& co, const Tensor& selc, const Tensor& sels, const Tensor& stats,
-                    bool needs_input_grad) {
+  static std::vector<Tensor> bwd(const Tensor& go, const Tensor& x, const Tensor& w1, const OptTensor& b1,
+                                 const Tensor& w2, const OptTensor& b2, const Tensor& cw, const OptTensor& cb,
+                                 const OptTensor& bnw, const OptTensor& bnb, bool spatial_bn, bool bn_training,
+                                 double eps, bool mean_first, bool max_first_index, const Tensor& saved,
+                                 const Tensor& saved_idx, bool needs_input_grad) {
     return cbam_backward(*K, go, x, w1, b1, w2, b2, cw, cb, bnw, bnb, spatial_bn, bn_training, eps, mean_first,
-                         max_first_index, gc, gs, pc, ps, co, selc, sels, stats, needs_input_grad);
+                         max_first_index, saved, saved_idx, needs_input_grad);
   }
   static std::tuple<Tensor, Tensor> cpool(const Tensor& x, bool f) { return channel_pool(*K, x, f); }
   static Tensor cpool_bwd(const Tensor& g, const Tensor& x, const Tensor& p, const Tensor& s, bool f) {
@@ -462,24 +552,22 @@ void register_impls(torch::Library& m) {
 TORCH_LIBRARY_FRAGMENT(fastnn, m) {
   // x: [N, C, H, W]; w1: [hidden, C]; w2: [C, hidden] (each may carry 1x1 conv dims); conv_weight:
   // [1, 2, k, k] in the module's input order (mean_first: [mean, max], else [max, mean]). Returns out
-  // and what the backward needs: gate_c [N, C], gate_s [N, 1, H, W], pooled_c [2, N, C] (mean, max),
-  // pooled_s [N, 2, H, W] (mean, max), conv_out [N, 1, H, W] (the spatial conv's output, before the
-  // BN), sel_c [N, C] / sel_s [N, H, W] (first max index, or tie count when max_first_index is
-  // false), bn_stats [2] (mean and biased variance the BN normalized with; [0] without BN).
+  // (in x's memory format: channels_last for a channels_last x, else NCHW) and what the backward
+  // needs, packed: saved (the accumulation dtype) and saved_idx (int32), laid out as in
+  // csrc/cbam/cbam_saved.h. With spatial_bn and bn_training, the last two elements of saved are the
+  // batch mean and biased variance the BN normalized with (the caller updates the running stats).
   m.def(
       "cbam(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor conv_weight, Tensor? conv_bias, "
       "Tensor? bn_weight, Tensor? bn_bias, Tensor? bn_running_mean, Tensor? bn_running_var, bool spatial_bn, "
-      "bool bn_training, float bn_eps, bool mean_first, bool max_first_index) -> (Tensor out, Tensor gate_c, "
-      "Tensor gate_s, Tensor pooled_c, Tensor pooled_s, Tensor conv_out, Tensor sel_c, Tensor sel_s, "
-      "Tensor bn_stats)");
-  // Gradients of x, w1, b1, w2, b2, conv_weight, conv_bias, bn_weight, bn_bias (a 1-element zero
-  // tensor when the input is absent or, for x, when needs_input_grad is false).
+      "bool bn_training, float bn_eps, bool mean_first, bool max_first_index) -> (Tensor out, Tensor saved, "
+      "Tensor saved_idx)");
+  // The gradients that exist, in this order: x (when needs_input_grad), w1, w2, conv_weight, then
+  // b1, b2, conv_bias, bn_weight, bn_bias for those given (the BN's only with spatial_bn). Each has
+  // its input's shape and dtype.
   m.def(
       "cbam_backward(Tensor grad_out, Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor conv_weight, "
       "Tensor? conv_bias, Tensor? bn_weight, Tensor? bn_bias, bool spatial_bn, bool bn_training, float bn_eps, "
-      "bool mean_first, bool max_first_index, Tensor gate_c, Tensor gate_s, Tensor pooled_c, Tensor pooled_s, "
-      "Tensor conv_out, Tensor sel_c, Tensor sel_s, Tensor bn_stats, bool needs_input_grad) -> (Tensor, Tensor, "
-      "Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "bool mean_first, bool max_first_index, Tensor saved, Tensor saved_idx, bool needs_input_grad) -> Tensor[]");
   // pooled [2, N, C] (mean, max over H*W), sel [N, C]
   m.def("cbam_channel_pool(Tensor x, bool max_first_index) -> (Tensor pooled, Tensor sel)");
   m.def(

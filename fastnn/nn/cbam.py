@@ -119,6 +119,15 @@ class ChannelAttention(nn.Module):
         fc1, fc2 = self.layers
         return fc1.weight, fc1.bias, fc2.weight, fc2.bias
 
+    def _fast_layers(self):
+        # self.layers through the _modules dicts: nn.Module.__getattr__ and Sequential indexing cost
+        # microseconds each, per call of CBAM.forward
+        m = self._modules
+        if self.layout == "timm":
+            return m["fc1"], m["fc2"]
+        s = m["mlp"]._modules
+        return (s["0"], s["2"]) if self.layout == "tutorial" else (s["1"], s["3"])
+
     def forward(self, x: Tensor) -> Tensor:
         w1, b1, w2, b2 = self.mlp_params()
         w1, w2 = w1.flatten(1), w2.flatten(1)
@@ -182,6 +191,13 @@ class SpatialAttention(nn.Module):
     def bn_layer(self) -> Optional[nn.BatchNorm2d]:
         holder = {"tutorial": self, "timm": getattr(self, "conv", None), "paper": getattr(self, "spatial", None)}
         return getattr(holder[self.layout], "bn", None)
+
+    def _fast_layers(self):
+        # (conv_layer, bn_layer) through the _modules dicts (see ChannelAttention._fast_layers)
+        m = self._modules
+        if self.layout != "tutorial":
+            m = m["conv" if self.layout == "timm" else "spatial"]._modules
+        return m["conv"], m.get("bn")
 
     def forward(self, x: Tensor) -> Tensor:
         conv, bn = self.conv_layer, self.bn_layer
@@ -264,14 +280,26 @@ class CBAM(nn.Module):
         return self.ca.max_ties
 
     def forward(self, x: Tensor) -> Tensor:
-        ca, sa = self.ca, self.sa
-        if ca.max_ties != sa.max_ties:
-            raise ValueError(f"fastnn.nn.CBAM: channel and spatial max_ties differ ({ca.max_ties!r} vs "
+        # Lean on purpose (it runs per call, and CUDA calls at ResNet shapes are bound by host time):
+        # submodules and parameters come from the _modules/_parameters dicts, x gets the cheap checks
+        # here and the parameters are checked by the op itself (csrc/cbam/cbam.cpp: check_params).
+        mods = self._modules
+        ca, sa = mods[self._ca_name], mods[self._sa_name]
+        ties = ca.max_ties
+        if ties != sa.max_ties:
+            raise ValueError(f"fastnn.nn.CBAM: channel and spatial max_ties differ ({ties!r} vs "
                              f"{sa.max_ties!r}); set both submodules' max_ties to the same value")
-        w1, b1, w2, b2 = ca.mlp_params()
-        conv, bn = sa.conv_layer, sa.bn_layer
-        kw = dict(mlp_bias1=b1, mlp_bias2=b2, conv_bias=conv.bias, spatial_order=sa.spatial_order,
-                  max_ties=ca.max_ties, backend=self.backend)
+        fc1, fc2 = ca._fast_layers()
+        conv, bn = sa._fast_layers()
+        p1, p2, pc = fc1._parameters, fc2._parameters, conv._parameters
+        w1, b1, w2, b2 = p1["weight"], p1.get("bias"), p2["weight"], p2.get("bias")
+        cw, cb = pc["weight"], pc.get("bias")
+        if not isinstance(x, Tensor) or x.dim() != 4 or x.dtype not in _ops._FLOATS or x.numel() == 0:
+            _ops._check_x(x)
+        if x.shape[1] != w1.shape[1]:
+            raise ValueError(f"fastnn.nn.CBAM: x has {x.shape[1]} channels (shape {tuple(x.shape)}) but the module "
+                             f"was built for {w1.shape[1]}")
+        kw = {}
         if bn is not None:
             # BatchNorm2d.forward's bookkeeping: count batches, pick the momentum, train/eval stats
             factor = 0.0 if bn.momentum is None else bn.momentum
@@ -284,7 +312,15 @@ class CBAM(nn.Module):
                       bn_momentum=factor, bn_eps=bn.eps,
                       bn_running_mean=bn.running_mean if track else None,
                       bn_running_var=bn.running_var if track else None)
-        return _ops.cbam(x, w1, w2, conv.weight, **kw)
+        b = backends.select(_ops.OP, x.device, self.backend, why_not=_ops._why_not)
+        if b == "reference" or (bn is not None and kw["bn_training"] is False and kw["bn_running_mean"] is None):
+            # the reference, and the errors of an unusable BN setup, come from the checked entry point
+            return _ops.cbam(x, w1, w2, cw, mlp_bias1=b1, mlp_bias2=b2, conv_bias=cb, spatial_order=sa.spatial_order,
+                             max_ties=ties, backend=b, **kw)
+        return _ops._run(x, w1, b1, w2, b2, cw, cb, bn is not None, kw.get("bn_weight"), kw.get("bn_bias"),
+                         kw.get("bn_running_mean"), kw.get("bn_running_var"), bool(kw.get("bn_training", False)),
+                         kw.get("bn_momentum", 0.0), float(kw.get("bn_eps", 1e-5)), sa.spatial_order == "mean_max",
+                         ties == "first")
 
     def extra_repr(self):
         return f"variant={self.variant!r}, layout={self.layout!r}"

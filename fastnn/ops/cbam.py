@@ -150,15 +150,33 @@ def cbam(x: Tensor, mlp_weight1: Tensor, mlp_weight2: Tensor, conv_weight: Tenso
                               bn_running_mean=bn_running_mean, bn_running_var=bn_running_var,
                               bn_training=bn_training, bn_momentum=bn_momentum, bn_eps=bn_eps,
                               spatial_order=spatial_order, max_ties=max_ties)
-    res = torch.ops.fastnn.cbam(x, w1, mlp_bias1, w2, mlp_bias2, conv_weight, conv_bias,
-                                bn_weight if spatial_bn else None, bn_bias if spatial_bn else None,
-                                bn_running_mean if spatial_bn else None, bn_running_var if spatial_bn else None,
-                                bool(spatial_bn), bool(bn_training), float(bn_eps),
-                                spatial_order == "mean_max", max_ties == "first")
-    if spatial_bn and bn_training and bn_running_mean is not None:
+    return _run(x, w1, mlp_bias1, w2, mlp_bias2, conv_weight, conv_bias, bool(spatial_bn), bn_weight, bn_bias,
+                bn_running_mean, bn_running_var, bool(bn_training), bn_momentum, float(bn_eps),
+                spatial_order == "mean_max", max_ties == "first")
+
+
+def _run(x, w1, b1, w2, b2, cw, cb, spatial_bn, bnw, bnb, rm, rv, bn_training, momentum, eps, mean_first, first):
+    """torch.ops.fastnn.cbam on validated arguments, then the BN's running statistics.
+
+    Eager calls skip the op's registered autograd kernel (a Python wrapper that costs more host time
+    per call than the whole CUDA forward at ResNet shapes): with gradients they go through
+    _CbamFunction, whose forward runs the op below autograd and whose backward is the registered
+    backward's; without, they call the op below autograd. Traced calls (torch.compile) use the op as
+    registered, autograd included."""
+    if not spatial_bn:
+        bnw = bnb = rm = rv = None
+    args = (x, w1, b1, w2, b2, cw, cb, bnw, bnb, rm, rv, spatial_bn, bn_training, eps, mean_first, first)
+    if torch.compiler.is_compiling():
+        out, saved, _ = torch.ops.fastnn.cbam(*args)
+    elif torch.is_grad_enabled() and torch._C._any_requires_grad(x, w1, b1, w2, b2, cw, cb, bnw, bnb):
+        out, saved = _CbamFunction.apply(*args)
+    else:
+        with torch._C._AutoDispatchBelowAutograd():
+            out, saved, _ = torch.ops.fastnn.cbam.default(*args)
+    if spatial_bn and bn_training and rm is not None:
         count = x.shape[0] * x.shape[2] * x.shape[3]
-        _update_running_stats(res[8], bn_running_mean, bn_running_var, bn_momentum, count)
-    return res[0]
+        _update_running_stats(saved[-2:], rm, rv, momentum, count)
+    return out
 
 
 def _update_running_stats(stats, running_mean, running_var, momentum, count):
@@ -169,31 +187,30 @@ def _update_running_stats(stats, running_mean, running_var, momentum, count):
         running_var.mul_(1 - momentum).add_(var.to(running_var.dtype).reshape(running_var.shape), alpha=momentum)
 
 
+def _saved_sizes(N, C, P, Cr, spatial_bn):
+    """Sizes of the forward's saved / saved_idx buffers (csrc/cbam/cbam_saved.h: SavedLayout)."""
+    def pad(n):  # regions start at multiples of 16 elements
+        return (n + 15) // 16 * 16
+    total = pad(N * C) + pad(N * P) + pad(2 * N * C) + pad(2 * N * P) + pad(N * P) + pad(2 * N * Cr)
+    return total + (2 if spatial_bn else 0), pad(N * C) + N * P
+
+
 def _cbam_fake(x, w1, b1, w2, b2, conv_weight, conv_bias, bn_weight, bn_bias, rm, rv, spatial_bn, bn_training,
                bn_eps, mean_first, max_first_index):
     N, C, H, W = x.shape
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    out = torch.empty_like(x, memory_format=_layout(x))
-    opts = dict(dtype=acc, device=x.device)
-    return (out, x.new_empty((N, C), **opts), x.new_empty((N, 1, H, W), **opts), x.new_empty((2, N, C), **opts),
-            x.new_empty((N, 2, H, W), **opts), x.new_empty((N, 1, H, W), **opts),
-            x.new_empty((N, C), dtype=torch.int32), x.new_empty((N, H, W), dtype=torch.int32),
-            x.new_empty((2 if spatial_bn else 0,), **opts))
+    total, itotal = _saved_sizes(N, C, H * W, w1.shape[0], spatial_bn)
+    return (torch.empty_like(x, memory_format=_layout(x)), x.new_empty((total,), dtype=acc),
+            x.new_empty((itotal,), dtype=torch.int32))
 
 
 def _cbam_backward_fake(grad_out, x, w1, b1, w2, b2, conv_weight, conv_bias, bn_weight, bn_bias, spatial_bn,
-                        bn_training, bn_eps, mean_first, max_first_index, gate_c, gate_s, pooled_c, pooled_s,
-                        conv_out, sel_c, sel_s, bn_stats, needs_input_grad):
-    def like(t):  # absent gradients are a 1-element zero tensor (see the schema in csrc/cbam/cbam.cpp)
-        return t.new_empty(t.shape) if t is not None else x.new_empty((1,), dtype=gate_c.dtype)
-
-    dx = torch.empty_like(x, memory_format=_layout(x)) if needs_input_grad else x.new_empty((1,))
+                        bn_training, bn_eps, mean_first, max_first_index, saved, saved_idx, needs_input_grad):
+    grads = [torch.empty_like(x, memory_format=_layout(x))] if needs_input_grad else []
+    present = [w1, w2, conv_weight] + [t for t in (b1, b2, conv_bias) if t is not None]
     if spatial_bn:
-        dbw = like(bn_weight).reshape(-1) if bn_weight is not None else like(None)
-        dbb = like(bn_bias).reshape(-1) if bn_bias is not None else like(None)
-    else:
-        dbw, dbb = like(None), like(None)
-    return (dx, like(w1), like(b1), like(w2), like(b2), like(conv_weight), like(conv_bias), dbw, dbb)
+        present += [t for t in (bn_weight, bn_bias) if t is not None]
+    return grads + [t.new_empty(t.shape) for t in present]
 
 
 def _layout(x):
@@ -204,32 +221,66 @@ def _layout(x):
     return torch.contiguous_format
 
 
-_CBAM_INPUTS = ("x", "w1", "b1", "w2", "b2", "conv_weight", "conv_bias", "bn_weight", "bn_bias")
-
-
-def _cbam_setup(ctx, inputs, output):
+def _save(ctx, inputs, saved, saved_idx):
     (x, w1, b1, w2, b2, cw, cb, bnw, bnb, _rm, _rv, spatial_bn, bn_training, bn_eps, mean_first,
      max_first_index) = inputs
     ctx.flags = (spatial_bn, bn_training, bn_eps, mean_first, max_first_index)
-    ctx.present = tuple(t is not None for t in (b1, b2, cb, bnw, bnb))
-    ctx.save_for_backward(x, w1, b1, w2, b2, cw, cb, bnw, bnb, *output[1:])
-    ctx.mark_non_differentiable(*output[1:])
+    ctx.save_for_backward(x, w1, b1, w2, b2, cw, cb, bnw, bnb, saved, saved_idx)
+    # no zero-filled gradients for the saved buffers (they are not differentiable)
+    ctx.set_materialize_grads(False)
 
 
-def _cbam_backward(ctx, grad_out, *_):
-    x, w1, b1, w2, b2, cw, cb, bnw, bnb, gc, gs, pc, ps, co, selc, sels, stats = ctx.saved_tensors
+def _grads(ctx, grad_out):
+    """The gradients of cbam's 9 tensor inputs (x, w1, b1, w2, b2, conv_weight, conv_bias, bn_weight,
+    bn_bias), None where absent."""
+    if grad_out is None:
+        return (None,) * 9
+    x, w1, b1, w2, b2, cw, cb, bnw, bnb, saved, saved_idx = ctx.saved_tensors
     spatial_bn, bn_training, bn_eps, mean_first, max_first_index = ctx.flags
-    grads = torch.ops.fastnn.cbam_backward(grad_out.to(x.dtype), x, w1, b1, w2, b2, cw, cb, bnw, bnb, spatial_bn,
-                                           bn_training, bn_eps, mean_first, max_first_index, gc, gs, pc, ps, co,
-                                           selc, sels, stats, ctx.needs_input_grad[0])
-    dx, dw1, db1, dw2, db2, dcw, dcb, dbnw, dbnb = grads
-    b1p, b2p, cbp, bnwp, bnbp = ctx.present
-    return (dx if ctx.needs_input_grad[0] else None, dw1, db1 if b1p else None, dw2, db2 if b2p else None, dcw,
-            dcb if cbp else None, dbnw.reshape(bnw.shape) if bnwp and spatial_bn else None,
-            dbnb.reshape(bnb.shape) if bnbp and spatial_bn else None,
-            None, None, None, None, None, None, None)
+    need_x = ctx.needs_input_grad[0]
+    if grad_out.dtype != x.dtype:
+        grad_out = grad_out.to(x.dtype)
+    args = (grad_out, x, w1, b1, w2, b2, cw, cb, bnw, bnb, spatial_bn, bn_training, bn_eps, mean_first,
+            max_first_index, saved, saved_idx, need_x)
+    if torch.is_grad_enabled():  # create_graph=True: through the registered autograd, which refuses
+        grads = torch.ops.fastnn.cbam_backward(*args)
+    else:
+        with torch._C._AutoDispatchBelowAutograd():
+            grads = torch.ops.fastnn.cbam_backward.default(*args)
+    it = iter(grads)
+    dx = next(it) if need_x else None
+    dw1, dw2, dcw = next(it), next(it), next(it)
+    db1 = next(it) if b1 is not None else None
+    db2 = next(it) if b2 is not None else None
+    dcb = next(it) if cb is not None else None
+    dbnw = next(it) if spatial_bn and bnw is not None else None
+    dbnb = next(it) if spatial_bn and bnb is not None else None
+    return dx, dw1, db1, dw2, db2, dcw, dcb, dbnw, dbnb
 
 
+def _cbam_setup(ctx, inputs, output):
+    _save(ctx, inputs, output[1], output[2])
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _cbam_backward(ctx, grad_out, _grad_saved, _grad_saved_idx):
+    return (*_grads(ctx, grad_out), None, None, None, None, None, None, None)
+
+
+class _CbamFunction(torch.autograd.Function):
+    """The eager path of cbam with gradients (see _run): the op below autograd, the same backward."""
+
+    @staticmethod
+    def forward(ctx, *args):
+        with torch._C._AutoDispatchBelowAutograd():
+            out, saved, saved_idx = torch.ops.fastnn.cbam.default(*args)
+        _save(ctx, args, saved, saved_idx)
+        ctx.mark_non_differentiable(saved)
+        return out, saved
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_saved):
+        return (*_grads(ctx, grad_out), None, None, None, None, None, None, None)
 
 
 # ---------------------------------------------------------------- the pools on their own

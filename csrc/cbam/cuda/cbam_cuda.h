@@ -1,6 +1,8 @@
 #pragma once
-// CBAM's passes over x on the GPU (csrc/cbam/cuda/cbam_cuda.cu): the same contract as the CPU
-// kernels (csrc/cbam/cpu/cbam_cpu.h), on CUDA tensors of one device, run on the current stream.
+// CBAM on the GPU. The passes over x (csrc/cbam/cuda/cbam_cuda.cu) have the same contract as the CPU
+// kernels (csrc/cbam/cpu/cbam_cpu.h), on CUDA tensors of one device, run on the current stream; the
+// generic orchestration in cbam.cpp uses them with FASTNN_CBAM_CUDA_LEGACY=1 and for the pool ops.
+// forward / backward (csrc/cbam/cuda/cbam_cuda_fast.cu) run the whole op in custom kernels.
 //
 // Assumptions, checked by the caller (csrc/cbam/cbam.cpp):
 //   x, dout, out, dx: [N, C, H, W], one dtype (float, double, half, bfloat16), contiguous in NCHW
@@ -9,6 +11,10 @@
 //     g [N, C], s [N, P], pooled_c [2, N, C], pooled_s [N, 2, P]; sel_* int32.
 // The math per element is in cbam_math.h (shared with the CPU kernels).
 #include <ATen/core/Tensor.h>
+
+#include <vector>
+
+#include "cbam/cbam_params.h"
 
 namespace fastnn {
 namespace cbam {
@@ -35,16 +41,18 @@ void backward_input(const at::Tensor& dout, const at::Tensor& x, bool cl, const 
                     const at::Tensor& a2, const at::Tensor& e2, const at::Tensor& pooled_c, const at::Tensor& sel_c,
                     bool first, at::Tensor& dx);
 
-// The whole forward in one launch (one block per sample) for small samples, with the spatial BN
-// absent or in eval mode. Small tensors in the accumulation type, contiguous: w1 [Cr, C], w2
-// [C, Cr], wc [1, 2, k, k] in [mean, max] order; b1, b2, cb, bn_* may be undefined. Writes what
-// the multi-kernel forward writes (out, the gates, the pooled maps, conv_out, sel_*). Returns
-// false, doing nothing, when the sample is too large for it (or FASTNN_CBAM_FUSED=0).
-bool fused_forward(const at::Tensor& x, bool cl, bool first, const at::Tensor& w1, const at::Tensor& b1,
-                   const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& wc, const at::Tensor& cb,
-                   const at::Tensor& bn_mean, const at::Tensor& bn_var, const at::Tensor& bn_w, const at::Tensor& bn_b,
-                   double bn_eps, at::Tensor& out, at::Tensor& gate_c, at::Tensor& gate_s, at::Tensor& pooled_c,
-                   at::Tensor& pooled_s, at::Tensor& conv_out, at::Tensor& sel_c, at::Tensor& sel_s);
+// ---- the whole op in custom kernels (cbam_cuda_fast.cu), the default on CUDA
+// forward: x contiguous in its layout (cl); out like x; saved / saved_idx allocated as laid out in
+// cbam_saved.h (the accumulation type / int32). Fills all three and returns true, or returns false
+// having done nothing for what it does not take (N > 65535, a spatial kernel above 31): the caller
+// then runs the generic orchestration, whose saved buffers mean the same.
+bool forward(const at::Tensor& x, bool cl, const OpParams& p, at::Tensor& out, at::Tensor& saved,
+             at::Tensor& saved_idx);
+// backward: dout in x's layout; sets `grads` to the gradients in the order of the cbam_backward
+// schema (csrc/cbam/cbam.cpp), each in its input's dtype and shape, and returns true; or false as
+// above (also for saved buffers not 64-byte aligned).
+bool backward(const at::Tensor& dout, const at::Tensor& x, bool cl, const OpParams& p, const at::Tensor& saved,
+              const at::Tensor& saved_idx, bool needs_input_grad, std::vector<at::Tensor>& grads);
 
 }  // namespace cuda
 }  // namespace cbam
