@@ -167,7 +167,9 @@ def _compare(fast_mod, torch_mod, x, gout=None, factor=2.0, atol=1e-5):
     of, gxf, gpf = _fwd_bwd(fast_mod, x, gout)
     assert of.dtype == ot.dtype and of.shape == ot.shape
     assert_lowp_close(of, o64, ot, factor, atol, "output")
-    assert_lowp_close(gxf, gx64, gxt, factor, atol, "grad x")
+    # atol scales with the gradient's size, as for the parameters below: at (4, 256, 56, 56) |dx| reaches
+    # ~30, and fp32 sums in another order differ by ~1e-4 there (GPU run on 3d90236: 9.6e-5, torch 4.1e-5)
+    assert_lowp_close(gxf, gx64, gxt, factor, atol * max(1.0, gx64.abs().max().item()), "grad x")
     assert set(gpf) == set(gpt)
     for k in gpt:
         scale = max(1.0, gp64[k].abs().max().item())

@@ -296,6 +296,9 @@ class CBAM(nn.Module):
         cw, cb = pc["weight"], pc.get("bias")
         if not isinstance(x, Tensor) or x.dim() != 4 or x.dtype not in _ops._FLOATS or x.numel() == 0:
             _ops._check_x(x)
+        if x.device != w1.device:  # else the op's message names w1, which a module user never passed
+            raise ValueError(f"fastnn.nn.CBAM: the module's weight is on {w1.device} but x is on {x.device}; "
+                             f"move x with x.to('{w1.device}') or the module with .to('{x.device}')")
         if x.shape[1] != w1.shape[1]:
             raise ValueError(f"fastnn.nn.CBAM: x has {x.shape[1]} channels (shape {tuple(x.shape)}) but the module "
                              f"was built for {w1.shape[1]}")
