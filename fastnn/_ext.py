@@ -21,6 +21,12 @@ except ImportError as e:  # not built, or built against another torch (undefined
         EXT_REASON = f"extension fastnn._C does not load with torch {torch.__version__} ({msg}); {_FIX}"
     else:
         EXT_REASON = f"extension fastnn._C is not built ({msg}); build it with `pip install .`"
+        import os
+        _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        if os.path.isfile(os.path.join(_root, "setup.py")):  # a checkout that shadows the installed fastnn
+            EXT_REASON += (f". This fastnn is the unbuilt source tree at {_root} (Python puts the current "
+                           f"folder first on sys.path): run from another folder to use the installed fastnn, "
+                           f"or build here with `python setup.py build_ext --inplace`")
 else:
     BUILD_INFO = dict(_mod.build_info())
     built = BUILD_INFO.get("torch_version")
