@@ -266,7 +266,7 @@ BAD += [
     Bad("cbam", "wrong rank: a 3-D input", lambda d: _cbam(d)(_r(16, 5, 5, device=d)), ValueError,
         "x must be 4-D [N, C, H, W]"),
     Bad("cbam", "channel mismatch: 8 channels into `CBAM(16)`", lambda d: _cbam(d)(_r(2, 8, 5, 5, device=d)),
-        ValueError, "it must match x's 8 channels"),
+        ValueError, "x has 8 channels (shape (2, 8, 5, 5)) but the module was built for 16"),
     Bad("cbam", "unsupported dtype: int64", lambda d: _cbam(d)(torch.ones(2, 16, 5, 5, dtype=torch.long, device=d)),
         TypeError, "x must be float32, float16, bfloat16 or float64"),
     Bad("cbam", "mixed devices: a meta input into a CPU module", lambda d: _cbam(d)(_r(2, 16, 5, 5, device="meta")),

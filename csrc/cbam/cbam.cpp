@@ -139,7 +139,8 @@ void check_params(const Tensor& x, const Tensor& w1, const OptTensor& b1, const 
                       "spatial BN in eval mode needs running_mean and running_var");
   if (forward && spatial_bn && bn_training)
     TORCH_CHECK_VALUE(x.size(0) * x.size(2) * x.size(3) > 1,
-                      "spatial BN in training mode needs more than 1 value (N*H*W > 1), got shape ", x.sizes());
+                      "spatial BN in training mode needs more than 1 value per channel (N*H*W > 1), got x of shape ",
+                      x.sizes(), "; use eval mode or a bigger batch");
   check_param(x, w1, "w1");
   check_param(x, w2, "w2");
   check_param(x, cw, "conv_weight");

@@ -316,8 +316,9 @@ class CBAM(nn.Module):
                       bn_running_mean=bn.running_mean if track else None,
                       bn_running_var=bn.running_var if track else None)
         b = backends.select(_ops.OP, x.device, self.backend, why_not=_ops._why_not)
-        if b == "reference" or (bn is not None and kw["bn_training"] is False and kw["bn_running_mean"] is None):
-            # the reference, and the errors of an unusable BN setup, come from the checked entry point
+        if b == "reference" or x.shape[0] == 0 or (bn is not None and kw["bn_training"] is False
+                                                   and kw["bn_running_mean"] is None):
+            # the reference, an empty batch and the errors of an unusable BN setup: the checked entry point
             return _ops.cbam(x, w1, w2, cw, mlp_bias1=b1, mlp_bias2=b2, conv_bias=cb, spatial_order=sa.spatial_order,
                              max_ties=ties, backend=b, **kw)
         return _ops._run(x, w1, b1, w2, b2, cw, cb, bn is not None, kw.get("bn_weight"), kw.get("bn_bias"),
