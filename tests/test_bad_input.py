@@ -626,33 +626,6 @@ def test_pytorch_batch_norm_stride_bug(training):
     print(f"PyTorch's batch_norm backward error on these strides: {torch_err:.3g}")  # ~6-8 with torch 2.14.1
 
 
-# ---------------------------------------------------------------- a PyTorch bug the fuzzer met
-
-@pytest.mark.skipif(not HAS_EXT, reason="fastnn._C not built")
-@pytest.mark.parametrize("training", [True, False])
-def test_pytorch_batch_norm_stride_bug(training):
-    """PyTorch's CPU batch_norm backward is wrong for channels-last-like strides with a size-1 dim
-    (torch 2.14.1: shape (4, 12, 1, 9), strides (108, 1, 12, 12)); fastnn's kernels are right
-    there, which is why the fuzz references run on contiguous copies."""
-    torch.manual_seed(0)
-    base = torch.randn(4, 12, 1, 9, dtype=torch.float64)
-    x = base.permute(0, 3, 2, 1).contiguous().permute(0, 3, 2, 1)  # strides (108, 1, 12, 12)
-    assert x.stride() == (108, 1, 12, 12)
-    rm, rv, w = torch.randn(12, dtype=torch.float64), torch.rand(12, dtype=torch.float64) + 0.5, \
-        torch.rand(12, dtype=torch.float64) + 0.5
-    g = torch.randn(x.shape, dtype=torch.float64)
-
-    def grad(fn, t):
-        t = t.clone(memory_format=torch.preserve_format).requires_grad_(True)
-        y = fn(t, rm.clone(), rv.clone(), w, None, training, 0.1, 1e-5, False)
-        return torch.autograd.grad((y * g).sum(), t)[0]
-
-    want = grad(R.batch_norm_relu, base)  # contiguous: PyTorch is right here
-    torch.testing.assert_close(grad(F.batch_norm_relu, x), want, rtol=1e-10, atol=1e-10)
-    torch_err = (grad(R.batch_norm_relu, x) - want).abs().max().item()
-    print(f"PyTorch's batch_norm backward error on these strides: {torch_err:.3g}")  # ~6-8 with torch 2.14.1
-
-
 if __name__ == "__main__":
     if "--write-doc" in sys.argv:
         text = _doc_text()
