@@ -683,62 +683,28 @@ _CHECK_CONFIGS = [
 
 def compile_check(arch: int = 90, configs=_CHECK_CONFIGS):
     """Compiles every launch the forward/backward makes for `configs` down to a cubin for sm_`arch`,
-    without a GPU and without running anything: the launchers run on meta tensors and record
-    their launches; each is compiled with the specialization a real launch gets (16-byte
-    aligned pointers, ints divisible by 16, ints equal to 1). Returns [(kernel, config, error)]
+    without a GPU and without running anything (see launch_check). Returns [(kernel, config, error)]
     for the failures. Needs TRITON_INTERPRET unset when triton is imported (see the test)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    import sys
 
-    global wrap_triton
-    records = []
+    from fastnn.triton_kernels import launch_check as lc
 
-    class _Rec:
-        def __init__(self, fn):
-            self.fn = fn
-
-        def __getitem__(self, grid):
-            return lambda *args, **kw: records.append((self.fn, args, kw))
-
-    types = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
-             torch.int32: "i32", torch.int64: "i64", torch.uint8: "u8"}
     failures = []
-    saved = wrap_triton
-    wrap_triton = _Rec
-    try:
-        for cfg in configs:
-            shape, block, dtype, couple, valid_only, cl, noise, gamma = cfg
-            records.clear()
+    for cfg in configs:
+        shape, block, dtype, couple, valid_only, cl, noise, gamma = cfg
+        with lc.record_launches(sys.modules[__name__], "wrap_triton") as records:
             x = torch.empty(shape, dtype=dtype, device="meta")
             seed = torch.empty(1, dtype=torch.int64, device="meta")
             g = geometry(shape, block, couple, valid_only, cl)
             mask, stats = build_mask(x, seed, g, gamma)
             apply_mask(x, x, mask, stats, seed, g, True, noise)
             apply_mask(x, x, mask, stats, stats, g, True, False)  # the backward
-            for fn, args, kw in records:
-                kw = dict(kw)
-                opts = {k: kw.pop(k) for k in ("num_warps", "num_stages") if k in kw}
-                sig, consts, attrs = {}, {}, {}
-                dns = set(getattr(fn, "do_not_specialize", ()))
-                for i, name in enumerate(fn.arg_names):
-                    v = kw[name] if name in kw else args[i]
-                    if name in kw:
-                        sig[name], consts[(i,)] = "constexpr", v
-                    elif isinstance(v, torch.Tensor):
-                        sig[name], attrs[(i,)] = "*" + types[v.dtype], [["tt.divisibility", 16]]
-                    elif isinstance(v, float):
-                        sig[name] = "fp32"
-                    elif v == 1 and name not in dns and i not in dns:
-                        sig[name], consts[(i,)] = "constexpr", 1
-                    else:
-                        sig[name] = "i64" if abs(v) >= 2 ** 31 else "i32"
-                        if v % 16 == 0 and name not in dns and i not in dns:
-                            attrs[(i,)] = [["tt.divisibility", 16]]
-                try:
-                    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
-                    triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
-                except Exception as e:  # report all, not just the first
-                    failures.append((fn.__name__, cfg, repr(e)[:2000]))
-    finally:
-        wrap_triton = saved
+        if not records:  # a recorder that saw nothing would pass vacuously
+            failures.append(("(no launch recorded)", cfg, "the launchers bypassed the recorder"))
+        for fn, args, kw in records:
+            sig, consts, attrs, opts = lc.launch_signature(fn, args, kw)
+            try:
+                triton.compile(lc.ast_source(fn, sig, consts, attrs), target=lc.gpu_target(arch), options=opts)
+            except Exception as e:  # report all, not just the first
+                failures.append((fn.__name__, cfg, lc.error_chain(e)[-2000:]))
     return failures

@@ -747,28 +747,15 @@ def compile_check(arch: int = 90, cases=_CHECK_CASES):
     user kernels under torch.compile, to Triton IR, which must then hold no fp64 arithmetic (only the
     casts of the arguments). Returns [(kernel, case, float type, error)] for the failures.
     Needs TRITON_INTERPRET unset when triton is imported (see the test)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    import sys
 
-    global _wrap
-    records = []
+    from fastnn.triton_kernels import launch_check as lc
 
-    class _Rec:
-        def __init__(self, fn):
-            self.fn = fn
-
-        def __getitem__(self, grid):
-            return lambda *args, **kw: records.append((self.fn, args, kw))
-
-    types = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64"}
-    target = GPUTarget("cuda", arch, 32)
+    target = lc.gpu_target(arch)
     failures = []
-    saved = _wrap
-    _wrap = _Rec
-    try:
-        for case in cases:
-            dtype, b, sq, sk, h, hkv, d, causal, p = case
-            records.clear()
+    for case in cases:
+        dtype, b, sq, sk, h, hkv, d, causal, p = case
+        with lc.record_launches(sys.modules[__name__], "_wrap") as records:
             q = torch.empty((b, sq, h, d), dtype=dtype, device="meta")
             k = torch.empty((b, sk, hkv, d), dtype=dtype, device="meta")
             seed = torch.empty(1, dtype=torch.int64, device="meta")
@@ -777,43 +764,23 @@ def compile_check(arch: int = 90, cases=_CHECK_CASES):
                                dropout_p=p, seed=seed, config=FWD_CONFIGS[cls][0], use_tma=False)
             backward(out, q, k, k, out, lse, lse, softmax_scale=d ** -0.5, causal=causal, causal_shift=sk - sq,
                      dropout_p=p, seed=seed, config_kv=BWD_KV_CONFIGS[cls][0], config_q=BWD_Q_CONFIGS[cls][0])
-            for fn, args, kw in records:
-                kw = dict(kw)
-                opts = {key: kw.pop(key) for key in ("num_warps", "num_stages") if key in kw}
-                for ftype in ("fp32", "fp64"):
-                    sig, consts, attrs = {}, {}, {}
-                    for i, name in enumerate(fn.arg_names):
-                        v = kw[name] if name in kw else args[i]
-                        if name in kw:
-                            sig[name], consts[(i,)] = "constexpr", v
-                        elif isinstance(v, torch.Tensor):
-                            sig[name], attrs[(i,)] = "*" + types[v.dtype], [["tt.divisibility", 16]]
-                        elif isinstance(v, float):
-                            sig[name] = ftype
-                        elif v == 1:
-                            sig[name], consts[(i,)] = "constexpr", 1
-                        else:
-                            sig[name] = "i64" if abs(v) >= 2 ** 31 else "i32"
-                            if v % 16 == 0:
-                                attrs[(i,)] = [["tt.divisibility", 16]]
-                    if ftype == "fp64" and "fp64" not in sig.values():
-                        continue
-                    try:
-                        src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
-                        if ftype == "fp32":
-                            triton.compile(src, target=target, options=opts)
-                        else:
-                            ir = _ttir(src, target, opts)
-                            f64 = [ln.strip() for ln in ir.splitlines()
-                                   if "f64" in ln and "tt.func" not in ln and "arith.truncf" not in ln]
-                            if f64:
-                                raise AssertionError("fp64 arithmetic: " + "\n".join(f64[:5]))
-                    except Exception as e:  # report all, not just the first
-                        chain, x = [], e
-                        while x is not None:  # Triton chains the errors of nested calls
-                            chain.append(f"{type(x).__name__}: {x}")
-                            x = x.__cause__
-                        failures.append((fn.__name__, case, ftype, "\n".join(chain)[-4000:]))
-    finally:
-        _wrap = saved
+        if not records:  # a recorder that saw nothing would pass vacuously
+            failures.append(("(no launch recorded)", case, "-", "the launchers bypassed the recorder"))
+        for fn, args, kw in records:
+            for ftype in ("fp32", "fp64"):
+                sig, consts, attrs, opts = lc.launch_signature(fn, args, kw, ftype)
+                if ftype == "fp64" and "fp64" not in sig.values():
+                    continue
+                try:
+                    src = lc.ast_source(fn, sig, consts, attrs)
+                    if ftype == "fp32":
+                        triton.compile(src, target=target, options=opts)
+                    else:
+                        ir = _ttir(src, target, opts)
+                        f64 = [ln.strip() for ln in ir.splitlines()
+                               if "f64" in ln and "tt.func" not in ln and "arith.truncf" not in ln]
+                        if f64:
+                            raise AssertionError("fp64 arithmetic: " + "\n".join(f64[:5]))
+                except Exception as e:  # report all, not just the first
+                    failures.append((fn.__name__, case, ftype, lc.error_chain(e)[-4000:]))
     return failures
