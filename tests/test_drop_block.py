@@ -368,6 +368,52 @@ def test_inplace_autograd(backend):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("layout", ["contiguous", "noncontig"])
+def test_inplace_on_a_tensor_saved_for_backward_raises(backend, layout):
+    """x saved by another op (w * x keeps x for w's gradient) and then dropped in place: autograd must
+    raise as for x.mul_(), not compute w's gradient from the overwritten x."""
+    w = torch.randn(2, 4, 9, 10, requires_grad=True)
+    x = torch.randn(2, 4, 9, 10) + 3
+    if layout == "noncontig":
+        x = noncontig(x)
+    y = w * x
+    F.drop_block2d(x, 0.3, 3, inplace=True, generator=_gen(10), backend=backend)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_eager_fast_path_equals_registered_op(backend, layout, monkeypatch):
+    """Eager calls run the kernels through _DropBlockFn (below the autograd key); torch.compile and
+    torch.func run the torch.library op. Same seeds -> the same output, gradient and double backward."""
+    x0 = torch.randn(2, 5, 9, 10)
+    if layout == "channels_last":
+        x0 = x0.contiguous(memory_format=torch.channels_last)
+    gy0 = torch.randn(2, 5, 9, 10)
+    got = {}
+    for fast in (True, False):
+        if not fast:
+            monkeypatch.setattr(ops, "_eager_ok", lambda t: False)
+        x = x0.clone().requires_grad_()
+        y = F.drop_block2d(x, 0.3, 3, generator=_gen(11), backend=backend)
+        assert (type(y.grad_fn).__name__ == "_DropBlockFnBackward") == fast
+        gy = gy0.clone().requires_grad_()
+        (gx,) = torch.autograd.grad(y, x, gy, create_graph=True)
+        (ggy,) = torch.autograd.grad((gx * gx).sum(), gy)
+        with torch.no_grad():
+            y_ng = F.drop_block2d(x0, 0.3, 3, generator=_gen(11), backend=backend)
+        got[fast] = (y.detach(), gx.detach(), ggy, y_ng)
+    for a, b in zip(got[True], got[False]):
+        assert torch.equal(a, b)
+    y, gx, ggy, _ = got[True]
+    keep = y != 0
+    assert keep.any() and not keep.all()
+    assert torch.equal(gx != 0, keep)  # the gradient goes where the output was kept
+    assert torch.allclose(ggy, 2 * gx * (gx / gy0), rtol=1e-5, atol=1e-6)  # d/dgy sum((k*gy)^2) = 2 k^2 gy
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_with_noise(backend):
     x = torch.randn(8, 16, 12, 12)
     s, out = seeds_and_out(x, backend, seed=4, drop_prob=0.4, block_size=3, with_noise=True)

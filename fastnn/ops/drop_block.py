@@ -279,6 +279,55 @@ def _triton_ready() -> bool:
 _triton_ready._dynamo_marked_constant = True
 
 
+# ---------------------------------------------------------------- eager fast path
+
+# Runs ops below the Autograd dispatch key: straight to the backend kernel, skipping the Python autograd
+# kernel that torch.library.register_autograd installs (the caller handles autograd itself).
+_below_autograd = torch._C._AutoDispatchBelowAutograd
+
+
+class _DropBlockFn(torch.autograd.Function):
+    """Eager forward/backward of a DropBlock op: the same computation as the op's torch.library autograd
+    (registered above for torch.compile and opcheck) with about half the host work per training step
+    (measured on the CPU: 52 -> 26 us for fwd+bwd of a tiny map). DropBlock layers sit in every block of
+    a network, and on a GPU small maps are bound by this per-call host time."""
+
+    @staticmethod
+    def forward(ctx, x, ops, args):
+        with _below_autograd():
+            out, mask, stats = ops.fwd(x, *args)
+        ctx.save_for_backward(mask, stats)
+        with_noise, scale_by_keep, channels_last = args[5], args[6], args[7]
+        ctx.bwd, ctx.scale, ctx.channels_last = ops.bwd, bool(scale_by_keep and not with_noise), channels_last
+        return out
+
+    @staticmethod
+    def backward(ctx, gout):
+        mask, stats = ctx.saved_tensors
+        g = _to_layout(gout, ctx.channels_last)
+        if torch.is_grad_enabled():  # create_graph=True: dispatch normally (the bwd op's own autograd)
+            return ctx.bwd(g, mask, stats, ctx.scale, ctx.channels_last), None, None
+        with _below_autograd():
+            return ctx.bwd(g, mask, stats, ctx.scale, ctx.channels_last), None, None
+
+
+def _eager_ok(x: torch.Tensor) -> bool:
+    """Whether the fast path may run: plain tensors in eager mode. torch.compile, torch.func transforms
+    and tensor subclasses (FakeTensor, DTensor, ...) go through the registered ops, which they understand."""
+    return (type(x) is torch.Tensor and not torch.compiler.is_compiling()
+            and not torch._C._are_functorch_transforms_active())
+
+
+def _run_fwd(ops: "_Ops", x: torch.Tensor, args: tuple) -> torch.Tensor:
+    """Out-of-place forward through the fast path where it applies, else the registered op."""
+    if not _eager_ok(x):
+        return ops.fwd(x, *args)[0]
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _DropBlockFn.apply(x, ops, args)
+    with _below_autograd():
+        return ops.fwd(x, *args)[0]
+
+
 # ---------------------------------------------------------------- functional API
 
 def _prepare(input, nd, drop_prob, block_size, gamma_scale, generator, name, checked=False):
@@ -310,12 +359,21 @@ def _drop_block(input, nd, drop_prob, block_size, gamma_scale, with_noise, coupl
     seed = _draw_seed(input.device, generator)
     args = (seed, block, gamma, bool(couple_channels), bool(valid_only), bool(with_noise), bool(scale_by_keep), cl)
     if not inplace:
-        return ops.fwd(x, *args)[0]
+        return _run_fwd(ops, x, args)
     if torch.is_grad_enabled() and input.requires_grad:
         # autograd sees an in-place update of input (like x.mul_(keep)): a leaf that requires
         # grad raises as it does for any in-place op
-        return input.copy_(ops.fwd(x, *args)[0])
-    ops.fwd_(x, *args)
+        return input.copy_(_run_fwd(ops, x, args))
+    if _eager_ok(x):
+        with _below_autograd():
+            ops.fwd_(x, *args)
+    else:
+        ops.fwd_(x, *args)
+    if not torch.compiler.is_compiling():
+        # The C++ op does not bump the version counter itself: without this, autograd would not notice
+        # that a tensor it saved for another op's backward (say w * x saves x for w's gradient) was
+        # overwritten, and that gradient would be silently wrong instead of raising as for x.mul_().
+        torch.autograd.graph.increment_version(x)
     if x is not input:  # input was not dense: the kernel wrote into a dense copy
         input.copy_(x)
     return input
