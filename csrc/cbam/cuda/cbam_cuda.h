@@ -20,26 +20,7 @@ namespace fastnn {
 namespace cbam {
 namespace cuda {
 
-// pooled_c[0] = mean over H*W, pooled_c[1] = max over H*W; sel_c = first index (first) or ties.
-void channel_pool(const at::Tensor& x, bool cl, bool first, at::Tensor& pooled_c, at::Tensor& sel_c);
-// pooled_s[:, 0] = mean_c x*g, pooled_s[:, 1] = max_c x*g; sel_s as above.
-void spatial_pool(const at::Tensor& x, bool cl, const at::Tensor& g, bool first, at::Tensor& pooled_s,
-                  at::Tensor& sel_s);
-// out = (x*g[c])*s[p]
-void apply_gates(const at::Tensor& x, bool cl, const at::Tensor& g, const at::Tensor& s, at::Tensor& out);
-// ds[n,p] = sum_c dout*x*g[c];  dg[n,c] = sum_p dout*x*s[p]
-void backward_reduce(const at::Tensor& dout, const at::Tensor& x, bool cl, const at::Tensor& g, const at::Tensor& s,
-                     at::Tensor& ds, at::Tensor& dg);
-// dg2[n,c] = sum_p cbam_gate_term(x, wa[p], at max_c, em[p]); wa, em: [N, P]
-void backward_gate(const at::Tensor& x, bool cl, const at::Tensor& g, const at::Tensor& wa, const at::Tensor& em,
-                   const at::Tensor& pooled_s, const at::Tensor& sel_s, bool first, at::Tensor& dg2);
-// dx = cbam_dx(...); a2, e2: [N, C]. Parts may be absent (undefined tensors): dout (then s too),
-// the spatial part (wa, em, pooled_s, sel_s) or the channel part (a2, e2, pooled_c, sel_c).
-// g undefined means g = 1.
-void backward_input(const at::Tensor& dout, const at::Tensor& x, bool cl, const at::Tensor& g, const at::Tensor& s,
-                    const at::Tensor& wa, const at::Tensor& em, const at::Tensor& pooled_s, const at::Tensor& sel_s,
-                    const at::Tensor& a2, const at::Tensor& e2, const at::Tensor& pooled_c, const at::Tensor& sel_c,
-                    bool first, at::Tensor& dx);
+#include "cbam/cbam_passes.inc"
 
 // ---- the whole op in custom kernels (cbam_cuda_fast.cu), the default on CUDA
 // forward: x contiguous in its layout (cl); out like x; saved / saved_idx allocated as laid out in
