@@ -5,7 +5,8 @@
 #   2. pytest tests -m "cuda and not fuzz"
 #   3. python -m fastnn.bench peaks; the benchmarks (--benchmark-only); the report
 #   4. everything in one folder: $OUT if set, else benchmarks/results/<gpu>-<date>/
-#      <gpu>-<date>.{json,md,png,peaks.json}, build.log, tests.log, bench.log, summary.txt (8 files)
+#      <gpu>-<date>.{json,md,png,peaks.json,profile.md}, build.log, tests.log, bench.log, summary.txt
+#      (9 files; profile.md: host vs kernel time per step of the slow cases, if time is left)
 # It keeps going after failing tests (the report is still written) and exits nonzero at the end
 # if any step failed. Each step gets what is left of the budget, so the report always fits.
 #
@@ -182,6 +183,14 @@ else
     echo "$REPORT_TXT" >>"$BENCH_LOG"
   else
     note "report" "skipped: no benchmark results" 0; FAILED=1
+  fi
+  # where the slow cases spend their time (host vs kernels), with what time is left: it never
+  # takes time from the benchmarks, and running out of time for it is not a failure
+  if [ $(( $(left) - RESERVE )) -ge 45 ]; then
+    run_step "profile (host vs kernels)" "$(min 120 $(( $(left) - RESERVE )))" "$BENCH_LOG" \
+      "${PYP[@]}" -m fastnn.bench profile --out "$DIR/$NAME.profile.md"
+  else
+    note "profile (host vs kernels)" "skipped: out of time" 0
   fi
 fi
 

@@ -355,3 +355,27 @@ def test_cpu_timing_unchanged():
                      impl="fastnn", peak_memory=123)
     assert fb.calls == dict(rounds=5, iterations=1, warmup_rounds=1)
     assert fb.extra_info["peak_memory_bytes"] == 123 and "calls_per_sync" not in fb.extra_info
+
+
+def test_profile_cli_small_cpu(tmp_path, capsys):
+    """python -m fastnn.bench profile: every requested case, fastnn and its references, with times."""
+    pytest.importorskip("fastnn._C")
+    out = tmp_path / "profile.md"
+    rc = bench_main(["profile", "--device", "cpu", "--small", "--reps", "2", "--only", "bn_relu_train",
+                     "drop_block_fwd_bwd", "--out", str(out)])
+    assert rc == 0
+    text = out.read_text()
+    rows = [line.split("|")[1:-1] for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    got = {(r[0].strip(), r[2].strip()) for r in rows}
+    assert {("bn_relu_train", "fastnn"), ("bn_relu_train", "eager"), ("drop_block_fwd_bwd", "fastnn"),
+            ("drop_block_fwd_bwd", "x*mask")} <= got
+    assert all(r[0].strip() in ("bn_relu_train", "drop_block_fwd_bwd") for r in rows)
+    for r in rows:
+        wall, host = float(r[3]), float(r[4])
+        assert 0 < host <= wall * 1.5 + 0.05
+    assert "### bn_relu_train" in text and "fastnn::bn_relu" in text  # the fastnn step's op table
+
+
+def test_profile_cli_rejects_unknown_case(capsys):
+    assert bench_main(["profile", "--device", "cpu", "--small", "--only", "no_such_case"]) == 2
+    assert "no_such_case" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""python -m fastnn.bench {report,peaks,merge} ... (see docs/benchmarks.md)."""
+"""python -m fastnn.bench {report,peaks,merge,profile} ... (see docs/benchmarks.md)."""
 from __future__ import annotations
 
 import argparse
@@ -29,6 +29,13 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--size-mb", type=float, default=None, help="copy size in MiB (cuda 1024, cpu 256)")
     k.add_argument("--n", type=int, default=None, help="matmul size n for n^3 (cuda 8192, cpu 2048)")
     k.add_argument("--reps", type=int, default=None, help="timed repetitions (cuda 20, cpu 5)")
+
+    f = sub.add_parser("profile", help="host vs device time per step of the slow cases (fastnn.bench.profile)")
+    f.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    f.add_argument("--small", action="store_true", help="tiny shapes (a smoke test, not a measurement)")
+    f.add_argument("--only", nargs="+", default=None, help="case names (default: all)")
+    f.add_argument("--reps", type=int, default=20, help="steps per measurement (default 20)")
+    f.add_argument("--out", default=None, help="also write the Markdown report here")
 
     m = sub.add_parser("merge", help="concatenate pytest-benchmark JSON files into one")
     m.add_argument("json", nargs="+")
@@ -81,6 +88,29 @@ def main(argv=None) -> int:
             print(f"wrote {args.out}")
         else:
             print(json.dumps(peaks, indent=1))
+        return 0
+
+    if args.cmd == "profile":
+        import torch
+
+        from fastnn.bench.profile import run
+        device = args.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cuda" and not torch.cuda.is_available():
+            print("fastnn.bench profile: --device cuda but torch sees no GPU", file=sys.stderr)
+            return 2
+        try:
+            _, text = run(device, small=args.small, only=args.only, reps=args.reps)
+        except ValueError as e:
+            print(f"fastnn.bench profile: {e}", file=sys.stderr)
+            return 2
+        print(text)
+        if args.out:
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            with open(args.out, "w") as fh:
+                fh.write(text)
+            print(f"wrote {args.out}")
         return 0
 
     if args.cmd == "merge":
