@@ -382,6 +382,17 @@ def test_inplace_on_a_tensor_saved_for_backward_raises(backend, layout):
         y.sum().backward()
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_inplace_inference_tensor(backend):
+    with torch.inference_mode():
+        x = torch.randn(2, 4, 9, 10)
+        x0 = x.clone()
+        assert F.drop_block2d(x, 0.3, 3, inplace=True, backend=backend) is x  # allowed inside inference mode
+        assert not torch.equal(x, x0)
+    with pytest.raises(RuntimeError, match="inference tensor"):  # as x.mul_() outside inference mode
+        F.drop_block2d(x, 0.3, 3, inplace=True, backend=backend)
+
+
 @pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_eager_fast_path_equals_registered_op(backend, layout, monkeypatch):
