@@ -559,6 +559,28 @@ def test_compile_cpu_aot_eager_matches_eager():
     assert torch.equal(ga, gb)
 
 
+@pytest.mark.parametrize("grad", [False, True])
+def test_compile_cpu_inplace_fullgraph(grad):
+    """inplace=True traces in one graph (the eager-only checks must not reach Dynamo) and matches eager."""
+    if "cpu" not in CPU_BACKENDS:
+        pytest.skip("extension not built")
+    m = fastnn.nn.DropBlock2d(0.3, 3, inplace=True)
+    x0 = torch.randn(2, 4, 9, 10)
+
+    def run(fn):
+        x = x0.clone().requires_grad_(grad)
+        torch.manual_seed(6)
+        y = fn(x * 1 if grad else x)
+        g = torch.autograd.grad(y.sum(), x)[0] if grad else None
+        return y.detach(), g
+
+    f = torch.compile(lambda t: m(t) * 2, backend="aot_eager", fullgraph=True)
+    (a, ga), (b, gb) = run(f), run(lambda t: m(t) * 2)
+    assert torch.equal(a, b) and not torch.equal(a, x0 * 2)
+    if grad:
+        assert torch.equal(ga, gb)
+
+
 def test_compile_cpu_inductor():
     if "cpu" not in CPU_BACKENDS:
         pytest.skip("extension not built")

@@ -4,12 +4,13 @@ whose GPU results are far from their targets (Conv-BN-ReLU training, DropBlock, 
 For each case, fastnn and its reference run the same step; per step this reports
   wall     the step with a synchronize after it (median),
   host     the time until the step's call returns, without a synchronize (median): what the
-           CPU spends enqueueing it. host ~ wall on a GPU means something in the step waits for
-           the device (a host sync);
-  kernels  the device time of its kernels (torch.profiler), and
-  launches kernels launched per step.
-A step with host > kernels is host-bound: faster kernels will not help, fewer launches and less
-Python will. The top kernels and host ops of each fastnn step follow the table.
+           CPU spends enqueueing it, plus any wait for the device inside the step,
+  kernels  the device time of its kernels (torch.profiler),
+  launches kernels launched per step, and
+  syncs    host waits for the device per step (cuda*Synchronize and blocking cudaMemcpy calls).
+A step with host > kernels and no syncs is host-bound: faster kernels will not help, fewer launches
+and less Python will. With syncs, host includes device time and the verdict says "sync". The top
+kernels and host ops of each fastnn step follow the table.
 
     python -m fastnn.bench profile [--device cuda|cpu] [--small] [--only NAME ...] [--out FILE]
 
@@ -156,8 +157,11 @@ def measure(step: Step, device: str, reps: int = 20, warmup: int = 3) -> dict:
             step()
         _sync(device)
     events = prof.key_averages()
+    syncs = sum(e.count for e in events if "Synchronize" in e.key or e.key in ("cudaMemcpy", "cudaMemcpy2D"))
     if device == "cuda":
-        kern = [e for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+        # user annotations (record_function ranges) also appear on the GPU timeline: not kernels
+        kern = [e for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA
+                and not getattr(e, "is_user_annotation", False)]
         kernel_us = sum(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
                         for e in kern)
         launches = sum(e.count for e in kern)
@@ -166,7 +170,7 @@ def measure(step: Step, device: str, reps: int = 20, warmup: int = 3) -> dict:
         kernel_us = sum(e.self_cpu_time_total for e in kern)
         launches = 0
     return {"wall_ms": _median_ms(wall), "host_ms": _median_ms(host), "kernels_ms": kernel_us / 1e3 / reps,
-            "launches": launches / reps, "profile": prof}
+            "launches": launches / reps, "syncs": syncs / reps, "profile": prof}
 
 
 def _top(prof, device: str, n: int = 12) -> str:
@@ -198,14 +202,19 @@ def run(device: str = "cuda", small: bool = False, only: Optional[List[str]] = N
         for impl, step in [("fastnn", fast)] + list(refs.items()):
             r = measure(step, device, reps=reps)
             # on the CPU the ops run on the host thread itself: there is no separate device to wait for
-            bound = ("host" if r["host_ms"] >= r["kernels_ms"] else "device") if device == "cuda" else "n/a"
+            if device != "cuda":
+                bound = "n/a"
+            elif r["syncs"] > 0:
+                bound = "sync"
+            else:
+                bound = "host" if r["host_ms"] >= r["kernels_ms"] else "device"
             rows.append(dict(case=name, shape=str(shp), impl=impl, wall_ms=r["wall_ms"], host_ms=r["host_ms"],
-                             kernels_ms=r["kernels_ms"], launches=r["launches"], bound=bound))
+                             kernels_ms=r["kernels_ms"], launches=r["launches"], syncs=r["syncs"], bound=bound))
             if impl == "fastnn":
                 details.append(f"### {name} {shp} fastnn\n\n```\n{_top(r['profile'], device)}\n```\n")
-    lines = ["| case | shape | impl | wall ms | host ms | kernels ms | launches/step | bound |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| case | shape | impl | wall ms | host ms | kernels ms | launches/step | syncs/step | bound |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['case']} | {r['shape']} | {r['impl']} | {r['wall_ms']:.3f} | {r['host_ms']:.3f} | "
-                     f"{r['kernels_ms']:.3f} | {r['launches']:.1f} | {r['bound']} |")
+                     f"{r['kernels_ms']:.3f} | {r['launches']:.1f} | {r['syncs']:.1f} | {r['bound']} |")
     return rows, "\n".join(lines) + "\n\n" + "\n".join(details)

@@ -360,7 +360,8 @@ def _drop_block(input, nd, drop_prob, block_size, gamma_scale, with_noise, coupl
     args = (seed, block, gamma, bool(couple_channels), bool(valid_only), bool(with_noise), bool(scale_by_keep), cl)
     if not inplace:
         return _run_fwd(ops, x, args)
-    if input.is_inference() and not torch.is_inference_mode_enabled():
+    # eager only: Dynamo cannot trace is_inference() (a compiled graph is functionalized anyway)
+    if not torch.compiler.is_compiling() and input.is_inference() and not torch.is_inference_mode_enabled():
         raise RuntimeError(f"{name}(inplace=True): input is an inference tensor (made under torch.inference_mode) and "
                            "cannot be updated in place outside inference mode (as x.mul_() would refuse); "
                            "pass input.clone() or use inplace=False")
