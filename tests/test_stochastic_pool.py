@@ -371,6 +371,46 @@ def test_seed_and_generator_reproducible(backend, device):
 
 @needs_op
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_eager_fast_path_equals_registered_op(training, layout, device, monkeypatch):
+    """Eager calls run the kernels through _StochasticPoolFn (below the autograd key); torch.compile and
+    torch.func run the torch.library op. Same generator state -> the same output and gradient."""
+    from fastnn.ops import stochastic_pool as ops
+    x0 = torch.rand(2, 5, 9, 7, device=device) + 0.01
+    if layout == "channels_last":
+        x0 = x0.contiguous(memory_format=torch.channels_last)
+    g = torch.randn(2, 5, 4, 3, device=device)
+    got = {}
+    for fast in (True, False):
+        if not fast:
+            monkeypatch.setattr(ops, "_eager_ok", lambda t: False)
+        x = x0.clone().requires_grad_()
+        gen = torch.Generator(device=device).manual_seed(3)
+        y = stochastic_pool2d(x, 3, 2, 0, training=training, generator=gen, backend=kernel_backend(device))
+        assert (type(y.grad_fn).__name__ == "_StochasticPoolFnBackward") == fast
+        (gx,) = torch.autograd.grad(y, x, g)
+        with torch.no_grad():
+            y_ng = stochastic_pool2d(x0, 3, 2, 0, training=training, generator=gen.manual_seed(3),
+                                     backend=kernel_backend(device))
+        got[fast] = (y.detach(), gx, y_ng)
+    for a, b in zip(got[True], got[False]):
+        assert torch.equal(a, b)
+    y, gx, y_ng = got[True]
+    assert torch.equal(y, y_ng) and y.is_contiguous(memory_format=torch.channels_last) == (layout != "contiguous")
+    if not training:  # eval is deterministic: against the reference, value and gradient
+        xr = x0.double().requires_grad_()
+        ref = R.stochastic_pool2d(xr, (3, 3), (2, 2), (0, 0), training=False)
+        (gr,) = torch.autograd.grad(ref, xr, g.double())
+        assert torch.allclose(y.double(), ref, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(gx.double(), gr, rtol=1e-4, atol=1e-6)
+    else:  # each window's gradient lands on one element of it (overlapping windows may share one)
+        assert torch.allclose(gx.sum().double(), g.sum().double(), rtol=1e-5, atol=1e-5)
+        assert 0 < int((gx != 0).sum()) <= g.numel()
+
+
+@needs_op
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", MODES)
 def test_samples_independent_of_layout(mode, device):
     """Samples are keyed by the logical NCHW index: NCHW, channels_last and strided inputs draw

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastnn import _ext, backends, reference
+from fastnn.ops import _fast_path
 
 OP = "conv_bn_relu"
 backends.register_op(OP, cuda=("cuda",), cpu=("cpu",),
@@ -157,9 +158,8 @@ if HAVE_OPS:
     _update_op = _lib.bn_relu_update_running.default
 
 
-# Runs ops below the Autograd dispatch key: straight to the CPU/CUDA kernels, skipping the Python
-# autograd kernel that torch.library.register_autograd installs (the caller handles autograd).
-_below_autograd = torch._C._AutoDispatchBelowAutograd
+# Runs ops below the Autograd dispatch key (fastnn.ops._fast_path; the caller handles autograd).
+_below_autograd = _fast_path.below_autograd
 
 
 class _BNReLUTrain(torch.autograd.Function):

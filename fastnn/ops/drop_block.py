@@ -35,6 +35,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 
 from fastnn import _ext, backends, reference
+from fastnn.ops import _fast_path
 
 OP = "drop_block"
 backends.register_op(OP, cuda=("triton",), cpu=("cpu",),
@@ -281,9 +282,9 @@ _triton_ready._dynamo_marked_constant = True
 
 # ---------------------------------------------------------------- eager fast path
 
-# Runs ops below the Autograd dispatch key: straight to the backend kernel, skipping the Python autograd
-# kernel that torch.library.register_autograd installs (the caller handles autograd itself).
-_below_autograd = torch._C._AutoDispatchBelowAutograd
+# (fastnn.ops._fast_path: ops called below the Autograd key, where eager_ok says the fast path may run)
+_below_autograd = _fast_path.below_autograd
+_eager_ok = _fast_path.eager_ok
 
 
 class _DropBlockFn(torch.autograd.Function):
@@ -309,13 +310,6 @@ class _DropBlockFn(torch.autograd.Function):
             return ctx.bwd(g, mask, stats, ctx.scale, ctx.channels_last), None, None
         with _below_autograd():
             return ctx.bwd(g, mask, stats, ctx.scale, ctx.channels_last), None, None
-
-
-def _eager_ok(x: torch.Tensor) -> bool:
-    """Whether the fast path may run: plain tensors in eager mode. torch.compile, torch.func transforms
-    and tensor subclasses (FakeTensor, DTensor, ...) go through the registered ops, which they understand."""
-    return (type(x) is torch.Tensor and not torch.compiler.is_compiling()
-            and not torch._C._are_functorch_transforms_active())
 
 
 def _run_fwd(ops: "_Ops", x: torch.Tensor, args: tuple) -> torch.Tensor:

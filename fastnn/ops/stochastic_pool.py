@@ -11,6 +11,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 
 from fastnn import backends, reference
+from fastnn.ops import _fast_path
 
 __all__ = ["stochastic_pool2d"]
 
@@ -115,9 +116,37 @@ def stochastic_pool2d(input: torch.Tensor, kernel_size: IntPair, stride: Optiona
     b = backends.select(OP, input.device, backend, why_not=lambda name: _why_not(name, input))
     if b == "reference":
         return reference.stochastic_pool2d(input, k, s, p, ceil_mode, mode, training, generator)
-    out, _ = torch.ops.fastnn.stochastic_pool2d(input, list(k), list(s), list(p), ceil_mode, mode, training,
-                                                generator)
-    return out
+    args = (list(k), list(s), list(p), ceil_mode, mode, training, generator)
+    if not _eager_ok(input):
+        return torch.ops.fastnn.stochastic_pool2d(input, *args)[0]
+    if torch.is_grad_enabled() and input.requires_grad:
+        return _StochasticPoolFn.apply(input, args)
+    with _below_autograd():
+        return torch.ops.fastnn.stochastic_pool2d(input, *args)[0]
+
+
+# ------------------------------------------------------------------ eager fast path
+# (fastnn.ops._fast_path: the torch.library autograd wrapper costs ~20 us of Python per training step)
+_below_autograd = _fast_path.below_autograd
+_eager_ok = _fast_path.eager_ok
+
+
+class _StochasticPoolFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, input, args):
+        with _below_autograd():
+            out, offsets = torch.ops.fastnn.stochastic_pool2d(input, *args)
+        ctx.save_for_backward(input, offsets)
+        ctx.args = args[:6]  # without the generator
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        input, offsets = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: dispatch normally
+            return torch.ops.fastnn.stochastic_pool2d_backward(grad_out, input, offsets, *ctx.args), None
+        with _below_autograd():
+            return torch.ops.fastnn.stochastic_pool2d_backward(grad_out, input, offsets, *ctx.args), None
 
 
 # ------------------------------------------------------------------ torch.library: fake + autograd
