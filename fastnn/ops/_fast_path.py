@@ -10,6 +10,15 @@ import torch
 below_autograd = torch._C._AutoDispatchBelowAutograd
 
 
+def in_backward(fn, *args):
+    """fn(*args) from a fast-path autograd.Function's backward: below autograd, unless create_graph=True
+    (grad mode on), where the ops' own autograd must record the graph."""
+    if torch.is_grad_enabled():
+        return fn(*args)
+    with below_autograd():
+        return fn(*args)
+
+
 def eager_ok(x: torch.Tensor) -> bool:
     """Whether a call on `x` may take the fast path: a plain tensor, eager mode, no torch.func transform."""
     return (type(x) is torch.Tensor and not torch.compiler.is_compiling()

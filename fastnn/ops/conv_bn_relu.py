@@ -182,11 +182,8 @@ class _BNReLUTrain(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         input, mean, var, weight, bias = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True: dispatch normally (no double backward here either)
-            dx, gw, gb = _backward_op(grad_out, input, mean, var, weight, bias, ctx.eps, ctx.relu)
-        else:
-            with _below_autograd():
-                dx, gw, gb = _backward_op(grad_out, input, mean, var, weight, bias, ctx.eps, ctx.relu)
+        dx, gw, gb = _fast_path.in_backward(_backward_op, grad_out, input, mean, var, weight, bias, ctx.eps,
+                                            ctx.relu)
         need = ctx.needs_input_grad
         return (dx if need[0] else None, gw if need[1] else None, gb if need[2] else None,
                 None, None, None, None, None, None)

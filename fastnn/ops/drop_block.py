@@ -28,6 +28,7 @@ Backward: grad * keep * scale from the 1-bit-per-unit mask saved by the forward.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from typing import List, Optional, Sequence, Tuple, Union
@@ -123,10 +124,12 @@ def _mask_shape(x, channels_last: bool):
 
 
 class _Ops:
-    """The fwd / fwd_ / bwd / seeds ops of one backend."""
+    """The fwd / fwd_ / bwd / seeds ops of one backend, and fwd's autograd (setup, backward), which the
+    eager fast path (_DropBlockFn) shares with the torch.library registration."""
 
-    def __init__(self, fwd, fwd_, bwd, seeds):
+    def __init__(self, fwd, fwd_, bwd, seeds, setup, backward):
         self.fwd, self.fwd_, self.bwd, self.seeds = fwd, fwd_, bwd, seeds
+        self.setup, self.backward = setup, backward
 
 
 _BACKEND_OPS = {}
@@ -181,7 +184,7 @@ def _register_common(names: Tuple[str, str, str, str]):
             None, None
 
     torch.library.register_autograd(bwd, backward_bwd, setup_context=setup_bwd)
-    return _Ops(*(_resolve(n) for n in names))
+    return _Ops(*(_resolve(n) for n in names), setup=setup_fwd, backward=backward_fwd)
 
 
 def _resolve(name: str):
@@ -297,19 +300,13 @@ class _DropBlockFn(torch.autograd.Function):
     def forward(ctx, x, ops, args):
         with _below_autograd():
             out, mask, stats = ops.fwd(x, *args)
-        ctx.save_for_backward(mask, stats)
-        with_noise, scale_by_keep, channels_last = args[5], args[6], args[7]
-        ctx.bwd, ctx.scale, ctx.channels_last = ops.bwd, bool(scale_by_keep and not with_noise), channels_last
+        ops.setup(ctx, (x,) + args, (out, mask, stats))
+        ctx.backward_fn = ops.backward
         return out
 
     @staticmethod
     def backward(ctx, gout):
-        mask, stats = ctx.saved_tensors
-        g = _to_layout(gout, ctx.channels_last)
-        if torch.is_grad_enabled():  # create_graph=True: dispatch normally (the bwd op's own autograd)
-            return ctx.bwd(g, mask, stats, ctx.scale, ctx.channels_last), None, None
-        with _below_autograd():
-            return ctx.bwd(g, mask, stats, ctx.scale, ctx.channels_last), None, None
+        return _fast_path.in_backward(ctx.backward_fn, ctx, gout, None, None)[0], None, None
 
 
 def _run_fwd(ops: "_Ops", x: torch.Tensor, args: tuple) -> torch.Tensor:
@@ -363,10 +360,7 @@ def _drop_block(input, nd, drop_prob, block_size, gamma_scale, with_noise, coupl
         # autograd sees an in-place update of input (like x.mul_(keep)): a leaf that requires
         # grad raises as it does for any in-place op
         return input.copy_(_run_fwd(ops, x, args))
-    if _eager_ok(x):
-        with _below_autograd():
-            ops.fwd_(x, *args)
-    else:
+    with _below_autograd() if _eager_ok(x) else contextlib.nullcontext():
         ops.fwd_(x, *args)
     if not torch.compiler.is_compiling():
         # The C++ op does not bump the version counter itself: without this, autograd would not notice

@@ -132,21 +132,19 @@ _eager_ok = _fast_path.eager_ok
 
 
 class _StochasticPoolFn(torch.autograd.Function):
+    """The op's registered autograd (_setup_context / _backward below), with the kernels called below
+    the autograd key."""
+
     @staticmethod
     def forward(ctx, input, args):
         with _below_autograd():
-            out, offsets = torch.ops.fastnn.stochastic_pool2d(input, *args)
-        ctx.save_for_backward(input, offsets)
-        ctx.args = args[:6]  # without the generator
-        return out
+            out = torch.ops.fastnn.stochastic_pool2d(input, *args)
+        _setup_context(ctx, (input, *args), out)
+        return out[0]
 
     @staticmethod
     def backward(ctx, grad_out):
-        input, offsets = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True: dispatch normally
-            return torch.ops.fastnn.stochastic_pool2d_backward(grad_out, input, offsets, *ctx.args), None
-        with _below_autograd():
-            return torch.ops.fastnn.stochastic_pool2d_backward(grad_out, input, offsets, *ctx.args), None
+        return _fast_path.in_backward(_backward, ctx, grad_out, None)[0], None
 
 
 # ------------------------------------------------------------------ torch.library: fake + autograd
