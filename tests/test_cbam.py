@@ -295,6 +295,30 @@ def test_timm_resnet_blocks_convert():
     torch.testing.assert_close(model(x), ref(x), rtol=1e-4, atol=1e-5)
 
 
+@needs_timm
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("block_training", [True, False])
+def test_bn_mode_is_the_bns_own(device, block_training):
+    # Fine-tuning freezes BatchNorms inside a training model (bn.eval()), and the reverse also occurs:
+    # the spatial BN follows its own .training, as in timm's module, not the CBAM block's.
+    t = _randomize(CbamModule(32, rd_ratio=1 / 4)).to(device).train(block_training)
+    bn = t.spatial.conv.bn
+    with torch.no_grad():
+        bn.running_mean.fill_(0.3)
+        bn.running_var.fill_(2.0)
+    bn.train(not block_training)
+    f = CBAM.from_module(t)
+    assert f.training == block_training and f.spatial.conv.bn.training == (not block_training)
+    x = torch.randn(2, 32, 7, 7, device=device)
+    tb = copy.deepcopy(t)
+    _compare(f, tb, x)
+    fs, ts = f.state_dict(), tb.state_dict()
+    for k in ts:
+        torch.testing.assert_close(fs[k], ts[k], rtol=1e-5, atol=1e-6, msg=k)
+    nbt = f.spatial.conv.bn.num_batches_tracked.item()
+    assert nbt == (0 if block_training else 1)
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_matches_paper_style(training):
     p = _randomize(PaperCBAM(32, 8)).train(training)
@@ -583,6 +607,10 @@ def test_reference_backend_matches():
     (lambda: fastnn.functional.cbam(torch.randn(1, 16, 5, 5), *_w(16), spatial_bn=True), ValueError,
      "running"),
     (lambda: fastnn.functional.cbam(torch.randn(1, 16, 0, 5), *_w(16)), ValueError, "non-zero C, H and W"),
+    (lambda: fastnn.functional.cbam(torch.randn(2, 16, 5, 5), *_w(16), spatial_bn=True, bn_training=True,
+                                    bn_momentum=None, bn_running_mean=torch.zeros(1),
+                                    bn_running_var=torch.ones(1)), ValueError, "bn_momentum"),
+    (lambda: ChannelAttention(16)(torch.randn(2, 8, 5, 5)), ValueError, "8 channels.*built for 16"),
     (lambda: CBAM(16, spatial_kernel=4), ValueError, "odd"),
     (lambda: CBAM(16, variant="keras"), ValueError, "variant"),
     (lambda: CBAM.from_module(nn.Linear(3, 3)), TypeError, "cannot convert"),

@@ -131,6 +131,10 @@ class ChannelAttention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         w1, b1, w2, b2 = self.mlp_params()
         w1, w2 = w1.flatten(1), w2.flatten(1)
+        _ops._check_x(x)
+        if x.shape[1] != w1.shape[1]:  # else F.linear's "mat1 and mat2 shapes cannot be multiplied"
+            raise ValueError(f"fastnn.nn.ChannelAttention: x has {x.shape[1]} channels (shape {tuple(x.shape)}) "
+                             f"but the module was built for {w1.shape[1]}")
         b = backends.select("cbam_channel_pool", x.device, self.backend, why_not=_ops._why_not)
         if b == "reference":
             return reference.cbam_channel_gate(x, w1, w2, b1, b2, self.max_ties)
@@ -304,13 +308,16 @@ class CBAM(nn.Module):
                              f"was built for {w1.shape[1]}")
         kw = {}
         if bn is not None:
-            # BatchNorm2d.forward's bookkeeping: count batches, pick the momentum, train/eval stats
+            # BatchNorm2d.forward's bookkeeping: count batches, pick the momentum, train/eval stats. The BN's
+            # own mode decides, not the block's: a BN frozen with bn.eval() inside a training model (fine-tuning)
+            # normalizes with its running statistics and leaves them alone, as the unfused module does.
+            bn_train = bn.training
             factor = 0.0 if bn.momentum is None else bn.momentum
-            if self.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+            if bn_train and bn.track_running_stats and bn.num_batches_tracked is not None:
                 bn.num_batches_tracked.add_(1)
                 factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-            use_batch = self.training or (bn.running_mean is None and bn.running_var is None)
-            track = not self.training or bn.track_running_stats
+            use_batch = bn_train or (bn.running_mean is None and bn.running_var is None)
+            track = not bn_train or bn.track_running_stats
             kw.update(spatial_bn=True, bn_weight=bn.weight, bn_bias=bn.bias, bn_training=use_batch,
                       bn_momentum=factor, bn_eps=bn.eps,
                       bn_running_mean=bn.running_mean if track else None,
@@ -431,6 +438,8 @@ class CBAM(nn.Module):
             raise ValueError(f"fastnn.nn.CBAM.from_module: state_dict keys differ from {type(m).__name__}'s: "
                              f"missing {missing}, unexpected {unexpected}")
         out.train(m.training)
+        if bn is not None:  # a BN frozen with bn.eval() (or the reverse) keeps its own mode
+            out.sa.bn_layer.train(bn.training)
         return out
 
 

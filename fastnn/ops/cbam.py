@@ -17,6 +17,7 @@ The reference (fastnn.reference.cbam) uses those very PyTorch ops, so kernel and
 """
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Tuple
 
 import torch
@@ -139,6 +140,11 @@ def cbam(x: Tensor, mlp_weight1: Tensor, mlp_weight2: Tensor, conv_weight: Tenso
         if not bn_training and bn_running_mean is None:
             raise ValueError("fastnn.cbam: spatial BN in eval mode (bn_training=False) needs bn_running_mean and "
                              "bn_running_var; pass them or set bn_training=True to use batch statistics")
+        if isinstance(bn_momentum, bool) or not isinstance(bn_momentum, numbers.Real) or \
+                not 0.0 <= float(bn_momentum) <= 1.0:
+            raise ValueError(f"fastnn.cbam: bn_momentum must be a number in [0, 1], got {bn_momentum!r}; for "
+                             f"BatchNorm's cumulative average (momentum=None) pass 1 / num_batches_tracked, "
+                             f"as fastnn.nn.CBAM does")
         if bn_training and x.shape[0] * x.shape[2] * x.shape[3] == 1:  # F.batch_norm's rule (0 is fine)
             raise ValueError(f"fastnn.cbam: spatial BN in training mode needs more than 1 value per channel "
                              f"(N*H*W > 1), got x of shape {tuple(x.shape)}; use eval mode or a bigger batch")
@@ -289,7 +295,8 @@ class _CbamFunction(torch.autograd.Function):
 def cbam_channel_pool(x: Tensor, max_ties: str = "first", backend: Optional[str] = None) -> Tuple[Tensor, Tensor]:
     """(mean, max) of x [N, C, H, W] over H*W, each [N, C], in one pass over x.
 
-    The results are float32 (float64 for float64 x). max_ties: see the module docstring."""
+    The results are float32 (float64 for float64 x). max_ties: see the module docstring.
+    A window whose sum is NaN (a NaN in it, or both +inf and -inf) gets a NaN max (docs/cbam.md)."""
     _check_x(x)
     _check_choice(max_ties, "max_ties", MAX_TIES)
     b = backends.select("cbam_channel_pool", x.device, backend, why_not=_why_not)
@@ -304,7 +311,8 @@ def cbam_channel_pool(x: Tensor, max_ties: str = "first", backend: Optional[str]
 def cbam_spatial_pool(x: Tensor, max_ties: str = "first", backend: Optional[str] = None) -> Tensor:
     """[mean, max] of x [N, C, H, W] over C, as one [N, 2, H, W] map, in one pass over x.
 
-    The result is float32 (float64 for float64 x). max_ties: see the module docstring."""
+    The result is float32 (float64 for float64 x). max_ties: see the module docstring.
+    A window whose sum is NaN (a NaN in it, or both +inf and -inf) gets a NaN max (docs/cbam.md)."""
     _check_x(x)
     _check_choice(max_ties, "max_ties", MAX_TIES)
     b = backends.select("cbam_spatial_pool", x.device, backend, why_not=_why_not)
