@@ -486,6 +486,128 @@ def test_gradcheck_module_float64():
     assert torch.autograd.gradcheck(lambda x: m(x), (x,))
 
 
+
+def test_gradgradcheck_float64():
+    # higher-order gradients (create_graph=True) go through a differentiable recompute of the backward
+    x = torch.randn(3, 4, 3, 5, dtype=torch.float64, requires_grad=True)
+    w = (torch.rand(4, dtype=torch.float64) + 0.5).requires_grad_()
+    b = (torch.randn(4, dtype=torch.float64) * 0.3).requires_grad_()
+    rm, rv = torch.rand(4, dtype=torch.float64), torch.rand(4, dtype=torch.float64) + 0.5
+    for training in (True, False):
+        def f(x, w, b):
+            return fastnn.functional.batch_norm_relu(x, None if training else rm, None if training else rv, w, b,
+                                                     training=training)
+        assert torch.autograd.gradgradcheck(f, (x, w, b))
+    xc = x.detach().contiguous(memory_format=CL).requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda x: fastnn.functional.batch_norm_relu(x, None, None, w, b, True), (xc,))
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_gradient_penalty_matches_sequential(mode):
+    # loss = sum(y * r) + |d loss / dx|^2: second-order terms reach every parameter (was silently wrong
+    # when the fused backward ran under create_graph without a derivative)
+    ref, m = make_pair(bias=True, dtype=torch.float64)
+    ref.train(mode == "train")
+    m.train(mode == "train")
+    x = torch.randn(3, 6, 7, 5, dtype=torch.float64)
+    r = torch.randn(3, 8, 7, 5, dtype=torch.float64)
+    grads = []
+    for mod in (ref, m):
+        xi = x.clone().requires_grad_()
+        y = mod(xi)
+        (gx,) = torch.autograd.grad((y * r).sum(), xi, create_graph=True)
+        loss = (y * r).sum() + gx.pow(2).sum()
+        grads.append(torch.autograd.grad(loss, [xi] + list(mod.parameters())))
+    for a, b, n in zip(grads[1], grads[0], ["x"] + [n for n, _ in ref.named_parameters()]):
+        close(a, b, f"grad of {n}", 1e-9, 1e-9)
+
+
+def test_backward_ops_refuse_double_backward():
+    x = torch.randn(2, 3, 4, 4, requires_grad=True)
+    out, mean, var = OPS.bn_relu_train(x.detach(), None, None, 1e-5, True)
+    g = torch.randn_like(x, requires_grad=True)
+    dx, _, _ = OPS.bn_relu_backward(g, x, mean, var, None, None, 1e-5, True)
+    with pytest.raises(NotImplementedError, match="no derivative"):
+        dx.sum().backward()
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_torch_func_grad_and_vmap(mode):
+    # torch.func transforms run the reference (plain PyTorch), which they understand
+    ref, m = make_pair(track_running_stats=False) if mode == "train" else make_pair()
+    ref.train(mode == "train")
+    m.train(mode == "train")
+    x = torch.randn(4, 6, 5, 5)
+
+    def loss(mod, params, x):
+        return torch.func.functional_call(mod, params, (x,)).pow(2).sum()
+
+    pr = {k: v.detach() for k, v in ref.named_parameters()}
+    pm = {k: v.detach() for k, v in m.named_parameters()}
+    gr = torch.func.grad(lambda p: loss(ref, p, x))(pr)
+    gm = torch.func.grad(lambda p: loss(m, p, x))(pm)
+    for (k, a), b in zip(gr.items(), gm.values()):
+        close(b, a, f"func.grad {k}", 1e-4, 1e-4)
+    vr = torch.func.vmap(lambda xi: ref(xi), in_dims=1, out_dims=1)(x.unsqueeze(1).expand(4, 2, 6, 5, 5))
+    vm = torch.func.vmap(lambda xi: m(xi), in_dims=1, out_dims=1)(x.unsqueeze(1).expand(4, 2, 6, 5, 5))
+    close(vm, vr, "vmap")
+
+
+def test_eval_fold_cache_with_a_parametrized_weight():
+    # weight_norm recomputes conv.weight on every access: a fresh tensor, version 0, often at the address
+    # the last one was freed from. The cache must not take it for the weight it folded.
+    ref, m = make_pair()
+    torch.nn.utils.parametrizations.weight_norm(ref[0])
+    torch.nn.utils.parametrizations.weight_norm(m.conv)
+    m.conv.load_state_dict(ref[0].state_dict())
+    ref.eval()
+    m.eval()
+    x = torch.randn(2, 6, 7, 5)
+    with torch.no_grad():
+        for i in range(10):
+            close(m(x), ref(x), f"eval {i}")
+            ref[0].parametrizations.weight.original0.mul_(1.05)
+            m.conv.parametrizations.weight.original0.mul_(1.05)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_submodule_hooks_run(mode):
+    # torch.nn.utils.prune recomputes conv.weight in a forward pre-hook on the conv; hooks on bn must fire too
+    import torch.nn.utils.prune as prune
+    ref, m = make_pair()
+    prune.l1_unstructured(ref[0], "weight", amount=0.5)
+    prune.l1_unstructured(m.conv, "weight", amount=0.5)
+    calls = []
+    m.bn.register_forward_hook(lambda mod, i, o: calls.append("bn"))
+    xt = torch.randn(4, 6, 7, 5)
+    for mod in (ref, m):
+        opt = torch.optim.SGD(mod.parameters(), lr=0.5)
+        mod.train()
+        mod(xt).pow(2).sum().backward()
+        opt.step()
+    ref.train(mode == "train")
+    m.train(mode == "train")
+    x = torch.randn(2, 6, 7, 5)
+    with torch.no_grad():
+        close(m(x), ref(x), "after a pruned step")
+    assert calls and set(calls) == {"bn"}
+
+
+def test_dtype_mismatch_raises_in_eval_like_pytorch():
+    ref, m = make_pair()
+    ref.eval()
+    m.eval()
+    for dt in (torch.float64, torch.bfloat16):
+        with pytest.raises(RuntimeError):
+            ref(torch.randn(2, 6, 5, 5, dtype=dt))
+        with pytest.raises(RuntimeError):
+            m(torch.randn(2, 6, 5, 5, dtype=dt))
+    xi = torch.randint(-3, 4, (2, 4, 5, 5))
+    with pytest.raises(RuntimeError):
+        fastnn.functional.conv_bn_relu(xi, torch.randn(6, 4, 3, 3), None, None, None, torch.zeros(6), torch.ones(6))
+    with pytest.raises(RuntimeError):
+        cbr_ops.conv2d_bias_relu(xi, torch.randn(6, 4, 3, 3), torch.zeros(6))
+
 def _opcheck_samples():
     out = []
     for layout in ("contiguous", "channels_last"):

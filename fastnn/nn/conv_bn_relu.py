@@ -27,6 +27,15 @@ from fastnn.ops import conv_bn_relu as _ops
 
 __all__ = ["ConvBNReLU2d", "ConvBN2d", "convert_sync_batchnorm", "remap_sequential_state_dict"]
 
+_module_mod = nn.modules.module
+
+
+def _hooked(m: nn.Module) -> bool:
+    """Whether calling m would run hooks (its own or global ones) that the fused path would skip."""
+    return bool(m._forward_pre_hooks or m._forward_hooks or m._backward_hooks or m._backward_pre_hooks
+                or _module_mod._global_forward_pre_hooks or _module_mod._global_forward_hooks
+                or _module_mod._global_backward_pre_hooks or _module_mod._global_backward_hooks)
+
 
 def remap_sequential_state_dict(state_dict: Dict[str, Tensor], prefix: str = "") -> Dict[str, Tensor]:
     """Renames the keys of an ``nn.Sequential(Conv2d, BatchNorm2d[, ReLU])`` found at `prefix`
@@ -72,6 +81,7 @@ class _ConvBNBase(nn.Module):
         self.backend = backend  # None: automatic; "reference" runs plain PyTorch
         self._fold_key = None
         self._fold = None
+        self._fold_refs = None
         self._register_load_state_dict_pre_hook(_sequential_keys_hook)
 
     @classmethod
@@ -107,6 +117,7 @@ class _ConvBNBase(nn.Module):
         (which bypasses the version counters the cache watches)."""
         self._fold_key = None
         self._fold = None
+        self._fold_refs = None
 
     # -- eval: BN folded into the conv, cached until a parameter or buffer changes
     def _folded(self, c, b, ts, differentiable: bool):
@@ -128,6 +139,10 @@ class _ConvBNBase(nn.Module):
             with torch.no_grad():
                 self._fold = _ops.fold_conv_bn(ts[0], ts[1], ts[2], ts[3], b.eps, ts[4], ts[5])
             self._fold_key = key
+            # Holding the keyed tensors keeps their data_ptr from being reused: a weight computed afresh on
+            # each access (a parametrization such as weight_norm) could otherwise land where the last one
+            # was freed, with the same version 0, and match a stale key.
+            self._fold_refs = ts
         return self._fold
 
     def _eval_forward(self, input: Tensor, c: nn.Conv2d, bn: nn.BatchNorm2d) -> Tensor:
@@ -155,12 +170,19 @@ class _ConvBNBase(nn.Module):
         if not input.is_floating_point():  # else F.conv2d's "expected scalar type Long but found Float"
             raise TypeError(f"input must be a floating-point tensor (float32, float64, float16 or bfloat16), "
                             f"got {input.dtype}; convert it with input.float()")
+        conv, bn = self.conv, self.bn
         if self.backend == "reference":
             return self._reference_forward(input)
-        bn = self.bn
+        if _hooked(conv) or _hooked(bn):
+            # hooks on the submodules (torch.nn.utils.prune's pre-hook recomputes conv.weight, say) run only
+            # when the submodules themselves are called
+            if self.sync_stats:
+                raise NotImplementedError(f"{type(self).__name__}(sync_stats=True) does not run hooks registered on "
+                                          f"its conv or bn submodules; register them on the block instead")
+            return self._reference_forward(input)
         training = bn.training
         if not training and not (bn.running_mean is None and bn.running_var is None):
-            return self._eval_forward(input, self.conv, bn)
+            return self._eval_forward(input, conv, bn)
         # BatchNorm2d.forward's bookkeeping, in effect. With a momentum, num_batches_tracked is incremented
         # by the same C++ call that updates the running statistics (cheap on the host); the cumulative
         # average (momentum=None) needs the new count on the host first, as BatchNorm2d does.

@@ -76,6 +76,34 @@ def _empty_stat(x: Tensor) -> Tensor:
     return x.new_empty((x.shape[1],), dtype=_stat_dtype(x))
 
 
+def _create_graph_backward(grad_out, input, weight, bias, eps, relu, running=None):
+    """BatchNorm(+ReLU)'s backward as differentiable PyTorch ops, for create_graph=True (higher-order
+    gradients, e.g. a gradient penalty): the forward is recomputed with the reference (batch statistics, or
+    the given running (mean, var)) and differentiated with create_graph. The kernels' backward ops have no
+    derivative of their own. Returns (dx, dweight, dbias), None where that input needs no gradient."""
+    wrt = [t for t in (input, weight, bias) if t is not None and t.requires_grad]
+    if not wrt:
+        return None, None, None
+    with torch.enable_grad():
+        if running is None:
+            y = reference.batch_norm_relu(input, None, None, weight, bias, True, 0.0, eps, relu)
+        else:
+            y = reference.batch_norm_relu(input, running[0], running[1], weight, bias, False, 0.0, eps, relu)
+        grads = iter(torch.autograd.grad(y, wrt, grad_out, create_graph=True, allow_unused=True))
+    return tuple(next(grads) if t is not None and t.requires_grad else None for t in (input, weight, bias))
+
+
+def _no_double_backward(name):
+    def backward(ctx, *grads):
+        raise NotImplementedError(f"fastnn::{name} has no derivative of its own; higher-order gradients of "
+                                  f"BatchNorm(+ReLU) go through fastnn.functional.batch_norm_relu or the modules")
+    return backward
+
+
+def _noop_setup(ctx, inputs, output):
+    pass
+
+
 if HAVE_OPS:
     _lib = torch.ops.fastnn
 
@@ -117,7 +145,10 @@ if HAVE_OPS:
         input, mean, var, weight, bias = ctx.saved_tensors
         if grad_out is None:
             return None, None, None, None, None
-        dx, gw, gb = _lib.bn_relu_backward(grad_out, input, mean, var, weight, bias, ctx.eps, ctx.relu)
+        if torch.is_grad_enabled():  # create_graph=True
+            dx, gw, gb = _create_graph_backward(grad_out, input, weight, bias, ctx.eps, ctx.relu)
+        else:
+            dx, gw, gb = _lib.bn_relu_backward(grad_out, input, mean, var, weight, bias, ctx.eps, ctx.relu)
         need = ctx.needs_input_grad
         return (dx if need[0] else None, gw if weight is not None and need[1] else None,
                 gb if bias is not None and need[2] else None, None, None)
@@ -133,6 +164,10 @@ if HAVE_OPS:
     def _apply_backward(ctx, grad_out):
         input, mean, var, weight, bias = ctx.saved_tensors
         need = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph=True
+            dx, gw, gb = _create_graph_backward(grad_out, input, weight, bias, ctx.eps, ctx.relu, (mean, var))
+            return (dx if need[0] else None, None, None, gw if need[3] else None, gb if need[4] else None,
+                    None, None)
         dx = gw = gb = None
         if need[0]:
             zero = torch.zeros_like(mean)  # no batch-statistics terms: dx = dz * w * invstd
@@ -152,6 +187,9 @@ if HAVE_OPS:
     @torch.library.register_fake("fastnn::bn_relu_update_running")
     def _fake_update_running(running_mean, running_var, num_batches_tracked, mean, var, count, momentum):
         return None
+
+    for _name in ("bn_relu_backward", "bn_relu_backward_reduce", "bn_relu_backward_elemt"):
+        torch.library.register_autograd(f"fastnn::{_name}", _no_double_backward(_name), setup_context=_noop_setup)
 
     _train_op = _lib.bn_relu_train.default
     _backward_op = _lib.bn_relu_backward.default
@@ -182,8 +220,11 @@ class _BNReLUTrain(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         input, mean, var, weight, bias = ctx.saved_tensors
-        dx, gw, gb = _fast_path.in_backward(_backward_op, grad_out, input, mean, var, weight, bias, ctx.eps,
-                                            ctx.relu)
+        if torch.is_grad_enabled():  # create_graph=True
+            dx, gw, gb = _create_graph_backward(grad_out, input, weight, bias, ctx.eps, ctx.relu)
+        else:
+            with _below_autograd():
+                dx, gw, gb = _backward_op(grad_out, input, mean, var, weight, bias, ctx.eps, ctx.relu)
         need = ctx.needs_input_grad
         return (dx if need[0] else None, gw if need[1] else None, gb if need[2] else None,
                 None, None, None, None, None, None)
@@ -295,6 +336,10 @@ def _backend(x: Tensor, backend: Optional[str]) -> str:
         if HAVE_OPS and _ext.EXT is not None and (x.device.type == "cpu" or
                                                    (x.device.type == "cuda" and _ext.cuda_compiled())):
             return x.device.type
+        return "reference"
+    if torch._C._are_functorch_transforms_active():
+        # torch.func (grad, vmap, jacrev, ...): the kernels' autograd.Functions have no vmap rules; the
+        # reference is plain PyTorch, which every transform understands
         return "reference"
     if backend is None and backends._requested(OP)[0] is None:
         dev = x.device.type
@@ -408,6 +453,7 @@ class _SyncBNReLU(torch.autograd.Function):
         return torch.ops.fastnn.bn_relu_apply(input, mean, var, weight, bias, eps, relu)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # as nn.SyncBatchNorm: no higher-order gradients
     def backward(ctx, grad_out):
         import torch.distributed as dist
         input, mean, var, weight, bias = ctx.saved_tensors
@@ -516,7 +562,10 @@ def conv2d_bias_relu(input: Tensor, weight: Tensor, bias: Optional[Tensor], stri
             or torch.compiler.is_compiling():
         return F.relu(F.conv2d(input, weight, bias, stride, padding, dilation, groups))
     dev = input.device.type
-    autocast = torch.is_autocast_enabled(dev)
+    autocast = torch.is_autocast_enabled(dev) and input.is_floating_point()
+    if not autocast and (input.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype)):
+        # PyTorch's own error for mixed dtypes (integer input included), as F.conv2d raises it
+        return F.relu(F.conv2d(input, weight, bias, stride, padding, dilation, groups))
     if autocast and input.dtype != torch.float64:  # the fused ops are not autocast-aware: cast as F.conv2d
         input = input.to(torch.get_autocast_dtype(dev))  # would (autocast leaves float64 alone)
     dt = input.dtype
