@@ -280,10 +280,14 @@ def stochastic_pool2d(input, kernel_size, stride, padding, ceil_mode=False, mode
         weights = a  # padded entries are 0
         total = weights.sum(2, keepdim=True)
         if not training:
-            s2 = (a * a).sum(2, keepdim=True)
+            # sum a^2 / sum a, with sum a^2 scaled by 1 / max a so that it neither overflows (a ~ 1e20) nor
+            # underflows (a ~ 1e-30) in float32; the scale is a constant for autograd
+            m = a.detach().amax(2, keepdim=True)
+            m = torch.where(m > 0, m, torch.ones_like(m))
+            s2 = (a * (a / m)).sum(2, keepdim=True)
             # an all-zero window gives 0; a NaN (or inf / inf) window gives NaN, as the kernels
             zero = total == 0
-            out = torch.where(zero, torch.zeros_like(total), s2 / torch.where(zero, torch.ones_like(total), total))
+            out = torch.where(zero, torch.zeros_like(total), m * (s2 / torch.where(zero, torch.ones_like(total), total)))
     else:
         p = torch.softmax(a.masked_fill(~mask, float("-inf")), dim=2)
         if not training:
@@ -325,12 +329,14 @@ def drop_block_clip(block_size: Union[int, Sequence[int]], spatial: Sequence[int
 
 
 def drop_block_gamma(drop_prob: float, gamma_scale: float, spatial: Sequence[int], block: Sequence[int]) -> float:
-    """Seed rate: gamma_scale * p * prod(size) / prod(k) / prod(size - k + 1) (timm's formula per axis)."""
+    """Seed rate: gamma_scale * p * prod(size) / prod(k) / prod(size - k + 1) (timm's formula per axis),
+    at most 1 (every position a seed; gamma_scale > 1 can push the formula past it, where torch's
+    bernoulli_ would raise)."""
     num, den = float(gamma_scale * drop_prob), 1.0
     for s, k in zip(spatial, block):
         num *= s
         den *= k * (s - k + 1)
-    return num / den
+    return min(num / den, 1.0)
 
 
 def drop_block_seeds(x: torch.Tensor, gamma: float, block: Sequence[int], couple_channels: bool = False,

@@ -449,6 +449,16 @@ def test_scale_by_keep_false_and_gamma_scale(backend):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_gamma_above_one_seeds_everywhere(backend):
+    # gamma_scale > 1 can push timm's formula past 1: every position is a seed, on every backend (the reference
+    # raised from bernoulli_)
+    assert R.drop_block_gamma(1.0, 10.0, (8, 8), (3, 3)) == 1.0
+    x = torch.randn(2, 3, 8, 8)
+    out = F.drop_block2d(x, 1.0, 3, gamma_scale=10.0, backend=backend)
+    assert torch.equal(out, torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_reproducible_under_manual_seed(backend):
     x = torch.randn(2, 4, 10, 10)
     torch.manual_seed(123)

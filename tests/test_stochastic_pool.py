@@ -142,6 +142,57 @@ def test_gradcheck_eval(cfg, mode):
     x = (make_input((1, 2) + shape[2:], mode, "cpu", torch.float64) + 0.05).requires_grad_()
     fn = lambda t: stochastic_pool2d(t, k, s, p, ceil_mode, mode, training=False, backend="cpu")  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-7)
+    # higher-order gradients (create_graph=True): were silently zero before the backward had a derivative
+    assert torch.autograd.gradgradcheck(fn, (x,), eps=1e-6, atol=1e-7)
+
+
+@needs_op
+@pytest.mark.parametrize("scale", [1e20, 1e-30])
+def test_eval_activation_extreme_magnitudes(scale):
+    # sum a^2 overflows (1e20) or underflows (1e-30) in float32: the kernels and the reference scale it by
+    # the window's max, so output and gradient keep float32 accuracy (were inf / 0)
+    x = (torch.rand(2, 3, 6, 6) + 0.1) * scale
+    x[0, 0, :2, :2] = torch.tensor([[1.0, 1.0], [0.0, 0.0]]) * scale
+    x64 = x.double().requires_grad_()
+    want = naive_eval(x64.detach(), 2, 2, 0, False, "activation")
+    for backend in ("cpu", "reference"):
+        xi = x.clone().requires_grad_()
+        out = stochastic_pool2d(xi, 2, 2, 0, False, "activation", training=False, backend=backend)
+        torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=0, msg=backend)
+        out.backward(torch.ones_like(out))
+        ref64 = R.stochastic_pool2d(x64, (2, 2), (2, 2), (0, 0), False, "activation", training=False)
+        (g64,) = torch.autograd.grad(ref64.sum(), x64)
+        torch.testing.assert_close(xi.grad.double(), g64, rtol=1e-4, atol=1e-6, msg=backend)
+        assert xi.grad[0, 0, 0, 0].item() == pytest.approx(0.5, rel=1e-5)
+
+
+@needs_op
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_double_backward_train(mode, layout):
+    # y = x[sampled]: dx = grad_out scattered to the samples, linear in grad_out and constant in x, so
+    # d<dx, w>/d grad_out = w at the sampled elements (with w = x: the output itself) and d dx/dx = 0
+    x = make_input((2, 3, 9, 7), mode, "cpu", torch.float64) + 0.05
+    x = x + torch.arange(x.numel(), dtype=x.dtype).view(x.shape) * 1e-3  # distinct values
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    y = stochastic_pool2d(x, 3, 2, 1, True, mode, training=True, backend="cpu")
+    v = torch.randn_like(y, requires_grad=True)
+    (dx,) = torch.autograd.grad(y, x, v, create_graph=True)
+    (dv,) = torch.autograd.grad((dx * x.detach()).sum(), v, retain_graph=True)
+    torch.testing.assert_close(dv, y.detach())
+    assert torch.autograd.grad((dx * x.detach()).sum(), x, allow_unused=True)[0] is None
+
+
+@needs_op
+def test_backward_op_refuses_double_backward():
+    x = make_input((1, 2, 6, 6), "activation", "cpu").requires_grad_()
+    out, offsets = torch.ops.fastnn.stochastic_pool2d(x.detach(), [2, 2], [2, 2], [0, 0], False, "activation", True)
+    g = torch.randn_like(out, requires_grad=True)
+    dx = torch.ops.fastnn.stochastic_pool2d_backward(g, x, offsets, [2, 2], [2, 2], [0, 0], False, "activation", True)
+    with pytest.raises(NotImplementedError, match="no derivative"):
+        dx.sum().backward()
 
 
 @needs_op

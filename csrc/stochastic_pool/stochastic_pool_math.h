@@ -123,12 +123,13 @@ FASTNN_HD acc_t exp_acc(acc_t x) {
 
 FASTNN_HD int loop_count(int N, int n) { return N > 0 ? N : n; }
 
-// Per-window statistics. Activation: s1 = sum a, s2 = sum a^2, neg = any a < 0.
-// Softmax: m = max a, z = sum exp(a - m), zy = sum exp(a - m) * a.
+// Per-window statistics. Activation: s1 = sum a, m = max a, s2 = sum a * (a / m) (sum a^2 scaled by
+// 1 / m, so it neither overflows for a ~ 1e20 nor underflows for a ~ 1e-30 in float32; only the eval
+// output needs it), neg = any a < 0. Softmax: m = max a, z = sum exp(a - m), zy = sum exp(a - m) * a.
 template <typename acc_t>
 struct Stats {
-  acc_t s1, s2;  // activation: sum a, sum a^2; softmax: z, zy
-  acc_t m;       // softmax max
+  acc_t s1, s2;  // activation: sum a, sum a^2 / m; softmax: z, zy
+  acc_t m;       // max a
   bool neg;
 };
 
@@ -144,7 +145,7 @@ struct NoWeightCache {
   FASTNN_HD void put(int, T) {}
 };
 
-template <int N, int MODE, typename acc_t, typename W, typename Cache>
+template <int N, int MODE, typename acc_t, bool S2 = true, typename W, typename Cache>
 FASTNN_HD Stats<acc_t> window_stats(const W& w, int n, Cache& cache) {
   Stats<acc_t> st;
   st.s1 = acc_t(0);
@@ -153,12 +154,21 @@ FASTNN_HD Stats<acc_t> window_stats(const W& w, int n, Cache& cache) {
   st.neg = false;
   const int cnt = loop_count(N, n);
   if (MODE == kActivation) {
+    acc_t m = acc_t(0);
 FASTNN_SP_UNROLL
     for (int i = 0; i < cnt; ++i) {
       const acc_t a = w(i);
       st.neg |= a < acc_t(0);
       st.s1 += a;
-      st.s2 += a * a;
+      m = a > m ? a : m;
+    }
+    st.m = m;
+    if (S2 && m > acc_t(0)) {  // (a / m, not a * (1 / m): 1 / m overflows for a denormal m)
+FASTNN_SP_UNROLL
+      for (int i = 0; i < cnt; ++i) {
+        const acc_t a = w(i);
+        st.s2 += a * (a / m);
+      }
     }
   } else {
     acc_t m = -std::numeric_limits<acc_t>::infinity();
@@ -204,11 +214,11 @@ FASTNN_HD acc_t total_weight(const Stats<acc_t>& st) {
 // Eval output: sum p_i a_i.
 template <int MODE, typename acc_t>
 FASTNN_HD acc_t eval_value(const Stats<acc_t>& st) {
-  if (MODE == kActivation) return st.s1 > acc_t(0) ? st.s2 / st.s1 : acc_t(0);  // all-zero window -> 0
+  if (MODE == kActivation) return st.s1 > acc_t(0) ? st.m * (st.s2 / st.s1) : acc_t(0);  // all-zero window -> 0
   return st.s2 / st.s1;
 }
 
-// d(eval output)/d a_i. Activation: y = s2 / s1 -> (2 a_i - y) / s1 (0 for an all-zero window).
+// d(eval output)/d a_i. Activation: y = sum a^2 / s1 -> (2 a_i - y) / s1 (0 for an all-zero window).
 // Softmax: y = sum p a -> p_i (1 + a_i - y).
 template <int MODE, typename acc_t>
 FASTNN_HD acc_t eval_grad(const Stats<acc_t>& st, acc_t y, acc_t a) {
@@ -260,7 +270,7 @@ FASTNN_HD acc_t forward_one(const W& w, int n, float u, int first_valid, int* of
   using Cache = typename std::conditional<(N > 0 && MODE == kSoftmax && TRAIN), WeightCache<acc_t, (N > 0 ? N : 1)>,
                                           NoWeightCache>::type;
   Cache cache;
-  const Stats<acc_t> st = window_stats<N, MODE, acc_t>(w, n, cache);
+  const Stats<acc_t> st = window_stats<N, MODE, acc_t, !TRAIN>(w, n, cache);  // training needs no s2
   *neg = MODE == kActivation && st.neg;
   *offset = first_valid;
   const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();

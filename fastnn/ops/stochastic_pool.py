@@ -178,11 +178,58 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, _grad_offsets):
     input, offsets = ctx.saved_tensors
-    grad_in = torch.ops.fastnn.stochastic_pool2d_backward(grad_out, input, offsets, *ctx.args)
+    if torch.is_grad_enabled():  # create_graph=True: a backward that is itself differentiable
+        grad_in = _create_graph_backward(grad_out, input, offsets, ctx.args)
+    else:
+        grad_in = torch.ops.fastnn.stochastic_pool2d_backward(grad_out, input, offsets, *ctx.args)
     return grad_in, None, None, None, None, None, None, None
+
+
+def _create_graph_backward(grad_out, input, offsets, args):
+    """The input gradient for higher-order gradients. Training: grad_out scattered to each window's sampled
+    element (the kernel), linear in grad_out, whose derivative gathers at the same elements. Eval: the
+    reference recomputed and differentiated with create_graph (the output depends smoothly on the input)."""
+    kernel_size, stride, padding, ceil_mode, mode, training = args
+    if training:
+        return _ScatterToSampled.apply(grad_out, input, offsets, args)
+    with torch.enable_grad():
+        out = reference.stochastic_pool2d(input, kernel_size, stride, padding, ceil_mode, mode, False)
+        (grad_in,) = torch.autograd.grad(out, input, grad_out, create_graph=True)
+    return grad_in
+
+
+class _ScatterToSampled(torch.autograd.Function):
+    """The training backward (grad_out to each window's sampled element) as a function of grad_out."""
+
+    @staticmethod
+    def forward(ctx, grad_out, input, offsets, args):
+        ctx.save_for_backward(offsets)
+        ctx.args = args
+        with _below_autograd():
+            return torch.ops.fastnn.stochastic_pool2d_backward(grad_out, input, offsets, *args)
+
+    @staticmethod
+    def backward(ctx, gg):
+        (offsets,) = ctx.saved_tensors
+        kernel_size, stride, padding, ceil_mode = ctx.args[:4]
+        cols, _, oh, ow = reference._stochastic_pool_windows(gg, kernel_size, stride, padding, ceil_mode)
+        n, c = gg.shape[:2]
+        idx = offsets.long().reshape(n, c, 1, oh * ow)
+        return torch.gather(cols, 2, idx).view(n, c, oh, ow), None, None, None
+
+
+def _no_double_backward(ctx, *grads):
+    raise NotImplementedError("fastnn::stochastic_pool2d_backward has no derivative of its own; higher-order "
+                              "gradients go through fastnn.functional.stochastic_pool2d")
+
+
+def _noop_setup(ctx, inputs, output):
+    pass
 
 
 if hasattr(torch.ops.fastnn, OP):
     torch.library.register_fake("fastnn::stochastic_pool2d")(_fake_forward)
     torch.library.register_fake("fastnn::stochastic_pool2d_backward")(_fake_backward)
     torch.library.register_autograd("fastnn::stochastic_pool2d", _backward, setup_context=_setup_context)
+    torch.library.register_autograd("fastnn::stochastic_pool2d_backward", _no_double_backward,
+                                    setup_context=_noop_setup)
