@@ -205,6 +205,43 @@ def test_matches_tutorial(device, shape, layout):
         assert of.is_contiguous()
 
 
+@pytest.mark.parametrize("variant", ["tutorial", "timm"])
+def test_pruned_parametrized_and_hooked_submodules(variant):
+    # prune recomputes a weight in a forward pre-hook; weight_norm computes it on access; hooks on the
+    # submodules must run: the block then calls its submodules (was a KeyError / hooks skipped)
+    import torch.nn.utils.prune as prune
+    if variant == "tutorial":
+        t = _randomize(TutCBAM(24, 4))
+        fc1_t, conv_t = t.channel_attention.mlp[0], t.spatial_attention.conv
+    else:
+        if CbamModule is None:
+            pytest.skip("timm not installed")
+        t = _randomize(CbamModule(24, rd_ratio=1 / 4)).train()
+        fc1_t, conv_t = t.channel.fc1, t.spatial.conv.conv
+    f = CBAM.from_module(t)
+    fc1_f, _ = f.ca.layers
+    conv_f = f.sa.conv_layer
+    for fc1, conv in ((fc1_t, conv_t), (fc1_f, conv_f)):
+        prune.l1_unstructured(fc1, "weight", amount=0.5)
+        torch.nn.utils.parametrizations.weight_norm(conv)
+    calls = []
+    f.sa.register_forward_hook(lambda *a: calls.append("sa"))
+    xt = torch.randn(2, 24, 7, 5)
+    for m in (t, f):  # a step: weight_orig and the weight_norm parameters change
+        opt = torch.optim.SGD(m.parameters(), lr=0.5)
+        m(xt).pow(2).sum().backward()
+        opt.step()
+    x = torch.randn(2, 24, 7, 5, requires_grad=True)
+    xf = x.detach().clone().requires_grad_()
+    ot, of = t(x), f(xf)
+    torch.testing.assert_close(of, ot, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(ot)
+    ot.backward(g)
+    of.backward(g)
+    torch.testing.assert_close(xf.grad, x.grad, rtol=1e-5, atol=1e-6)
+    assert calls == ["sa", "sa"]
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_channels_below_reduction(device):
     # hidden = max(1, C // r): 8 // 16 -> 1

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 import torch.nn.functional as F
 
 from fastnn import backends, reference
+from fastnn.nn._hooks import tree_hooked
 from fastnn.ops import cbam as _ops
 
 VARIANTS = {
@@ -135,20 +136,32 @@ class ChannelAttention(nn.Module):
         if x.shape[1] != w1.shape[1]:  # else F.linear's "mat1 and mat2 shapes cannot be multiplied"
             raise ValueError(f"fastnn.nn.ChannelAttention: x has {x.shape[1]} channels (shape {tuple(x.shape)}) "
                              f"but the module was built for {w1.shape[1]}")
+        by_modules = tree_hooked(self)  # hooks on the MLP's layers (prune, ...) run only if the layers are called
         b = backends.select("cbam_channel_pool", x.device, self.backend, why_not=_ops._why_not)
-        if b == "reference":
+        if b == "reference" and not by_modules:
             return reference.cbam_channel_gate(x, w1, w2, b1, b2, self.max_ties)
-        mean, mx = _ops.cbam_channel_pool(x, self.max_ties, backend=b)
+        if b == "reference":
+            mean, mx = reference.cbam_channel_pool(x, max_ties=self.max_ties)
+        else:
+            mean, mx = _ops.cbam_channel_pool(x, self.max_ties, backend=b)
         v = torch.stack([mean, mx]).to(w1.dtype)
-
-        def mlp(t):
-            return F.linear(F.relu(F.linear(t, w1, b1)), w2, b2)
-
-        z = mlp(v)
+        if by_modules:
+            z = self._mlp_by_modules(v)
+        else:
+            z = F.linear(F.relu(F.linear(v, w1, b1)), w2, b2)
         gate = torch.sigmoid(z[0] + z[1])
         if not _autocast(x):  # under autocast: the MLP's dtype, as the tutorial module's
             gate = gate.to(x.dtype)
         return gate[:, :, None, None]
+
+    def _mlp_by_modules(self, v: Tensor) -> Tensor:
+        """The MLP on v [2, N, C] by calling its layers (so their hooks run), as the unfused modules do."""
+        two, n, c = v.shape
+        fc1, _ = self.layers
+        t = v.reshape(two * n, c) if isinstance(fc1, nn.Linear) and self.layout != "paper" else \
+            v.reshape(two * n, c, 1, 1)
+        z = self.fc2(self.act(self.fc1(t))) if self.layout == "timm" else self.mlp(t)
+        return z.reshape(two, n, c)
 
     def extra_repr(self):
         return f"channels={self.channels}, hidden={self.hidden_channels}, max_ties={self.max_ties!r}"
@@ -296,6 +309,11 @@ class CBAM(nn.Module):
         fc1, fc2 = ca._fast_layers()
         conv, bn = sa._fast_layers()
         p1, p2, pc = fc1._parameters, fc2._parameters, conv._parameters
+        if "weight" not in p1 or "weight" not in p2 or "weight" not in pc or tree_hooked(self):
+            # a parametrized or pruned weight (computed on access), or hooks on the submodules: run the
+            # submodules, which compute their weights and run their hooks, as the unfused modules do
+            xg = x * ca(x)
+            return xg * sa(xg)
         w1, b1, w2, b2 = p1["weight"], p1.get("bias"), p2["weight"], p2.get("bias")
         cw, cb = pc["weight"], pc.get("bias")
         if not isinstance(x, Tensor) or x.dim() != 4 or x.dtype not in _ops._FLOATS or x.numel() == 0:

@@ -23,18 +23,11 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from fastnn.nn._hooks import hooked
 from fastnn.ops import conv_bn_relu as _ops
 
 __all__ = ["ConvBNReLU2d", "ConvBN2d", "convert_sync_batchnorm", "remap_sequential_state_dict"]
 
-_module_mod = nn.modules.module
-
-
-def _hooked(m: nn.Module) -> bool:
-    """Whether calling m would run hooks (its own or global ones) that the fused path would skip."""
-    return bool(m._forward_pre_hooks or m._forward_hooks or m._backward_hooks or m._backward_pre_hooks
-                or _module_mod._global_forward_pre_hooks or _module_mod._global_forward_hooks
-                or _module_mod._global_backward_pre_hooks or _module_mod._global_backward_hooks)
 
 
 def remap_sequential_state_dict(state_dict: Dict[str, Tensor], prefix: str = "") -> Dict[str, Tensor]:
@@ -173,7 +166,7 @@ class _ConvBNBase(nn.Module):
         conv, bn = self.conv, self.bn
         if self.backend == "reference":
             return self._reference_forward(input)
-        if _hooked(conv) or _hooked(bn):
+        if hooked(conv, bn):
             # hooks on the submodules (torch.nn.utils.prune's pre-hook recomputes conv.weight, say) run only
             # when the submodules themselves are called
             if self.sync_stats:
