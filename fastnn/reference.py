@@ -287,7 +287,8 @@ def stochastic_pool2d(input, kernel_size, stride, padding, ceil_mode=False, mode
             s2 = (a * (a / m)).sum(2, keepdim=True)
             # an all-zero window gives 0; a NaN (or inf / inf) window gives NaN, as the kernels
             zero = total == 0
-            out = torch.where(zero, torch.zeros_like(total), m * (s2 / torch.where(zero, torch.ones_like(total), total)))
+            safe_total = torch.where(zero, torch.ones_like(total), total)
+            out = torch.where(zero, torch.zeros_like(total), m * (s2 / safe_total))
     else:
         p = torch.softmax(a.masked_fill(~mask, float("-inf")), dim=2)
         if not training:

@@ -242,6 +242,21 @@ def test_pruned_parametrized_and_hooked_submodules(variant):
     assert calls == ["sa", "sa"]
 
 
+@needs_timm
+def test_parametrized_bias():
+    # a parametrized bias leaves _parameters: the fused path read it as absent (output off by ~0.5)
+    class Shift(nn.Module):
+        def forward(self, b):
+            return b + 0.5
+
+    t = _randomize(CbamModule(24, rd_ratio=1 / 4, mlp_bias=True)).eval()
+    f = CBAM.from_module(t)
+    torch.nn.utils.parametrize.register_parametrization(t.channel.fc1, "bias", Shift())
+    torch.nn.utils.parametrize.register_parametrization(f.ca.layers[0], "bias", Shift())
+    x = torch.randn(2, 24, 7, 5)
+    torch.testing.assert_close(f(x), t(x), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_channels_below_reduction(device):
     # hidden = max(1, C // r): 8 // 16 -> 1

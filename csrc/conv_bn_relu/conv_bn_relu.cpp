@@ -13,6 +13,7 @@
 // biased batch variance. Activations may be contiguous (N, C, *) or 4-D channels_last: the
 // kernels read both layouts directly; any other strides are copied to the suggested layout first.
 #include <ATen/ATen.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include "common/checks.h"
@@ -324,6 +325,17 @@ TORCH_LIBRARY_FRAGMENT(fastnn, m) {
         " float eps, bool relu) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
   m.def("bn_relu_update_running(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor(c!)? num_batches_tracked,"
         " Tensor mean, Tensor var, float count, float momentum) -> ()");
+}
+
+// The backward ops have no derivative of their own. Without an Autograd kernel, create_graph=True
+// would treat their outputs as constants (silently wrong second derivatives); this fallback raises
+// when something backpropagates through them, and costs nothing when no gradient is tracked (a
+// Python torch.library.register_autograd would add ~5 us to every call, compiled backwards included).
+// fastnn/ops/conv_bn_relu.py differentiates the backward through the reference instead.
+TORCH_LIBRARY_IMPL(fastnn, Autograd, m) {
+  for (const char* name : {"bn_relu_backward_reduce", "bn_relu_backward_elemt", "bn_relu_backward"}) {
+    m.impl(name, torch::autograd::autogradNotImplementedFallback());
+  }
 }
 
 TORCH_LIBRARY_IMPL(fastnn, CPU, m) {

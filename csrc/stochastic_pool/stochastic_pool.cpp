@@ -13,6 +13,7 @@
 #include <ATen/core/Generator.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include <cstdlib>
@@ -200,6 +201,12 @@ TORCH_LIBRARY_FRAGMENT(fastnn, m) {
   m.def(
       "stochastic_pool2d_backward(Tensor grad_output, Tensor self, Tensor offsets, int[2] kernel_size, "
       "int[2] stride, int[2] padding, bool ceil_mode, str mode, bool training) -> Tensor");
+}
+
+// The backward op has no derivative of its own: raise if something backpropagates through it (see
+// csrc/conv_bn_relu/conv_bn_relu.cpp); fastnn/ops/stochastic_pool.py handles create_graph=True.
+TORCH_LIBRARY_IMPL(fastnn, Autograd, m) {
+  m.impl("stochastic_pool2d_backward", torch::autograd::autogradNotImplementedFallback());
 }
 
 TORCH_LIBRARY_IMPL(fastnn, CPU, m) {

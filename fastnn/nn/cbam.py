@@ -26,7 +26,7 @@ from torch import Tensor, nn
 import torch.nn.functional as F
 
 from fastnn import backends, reference
-from fastnn.nn._hooks import tree_hooked
+from fastnn.nn._hooks import must_run_submodules, parametrized
 from fastnn.ops import cbam as _ops
 
 VARIANTS = {
@@ -136,7 +136,8 @@ class ChannelAttention(nn.Module):
         if x.shape[1] != w1.shape[1]:  # else F.linear's "mat1 and mat2 shapes cannot be multiplied"
             raise ValueError(f"fastnn.nn.ChannelAttention: x has {x.shape[1]} channels (shape {tuple(x.shape)}) "
                              f"but the module was built for {w1.shape[1]}")
-        by_modules = tree_hooked(self)  # hooks on the MLP's layers (prune, ...) run only if the layers are called
+        # hooks on the MLP's layers (prune, ...) run only if the layers are called
+        by_modules = must_run_submodules(_ops.OP, *self._modules.values(), *self._mlp_children())
         b = backends.select("cbam_channel_pool", x.device, self.backend, why_not=_ops._why_not)
         if b == "reference" and not by_modules:
             return reference.cbam_channel_gate(x, w1, w2, b1, b2, self.max_ties)
@@ -153,6 +154,11 @@ class ChannelAttention(nn.Module):
         if not _autocast(x):  # under autocast: the MLP's dtype, as the tutorial module's
             gate = gate.to(x.dtype)
         return gate[:, :, None, None]
+
+    def _mlp_children(self):
+        """The layers inside the MLP's Sequential (tutorial and paper layouts; timm's are direct children)."""
+        mlp = self._modules.get("mlp")
+        return tuple(mlp._modules.values()) if mlp is not None else ()
 
     def _mlp_by_modules(self, v: Tensor) -> Tensor:
         """The MLP on v [2, N, C] by calling its layers (so their hooks run), as the unfused modules do."""
@@ -309,9 +315,11 @@ class CBAM(nn.Module):
         fc1, fc2 = ca._fast_layers()
         conv, bn = sa._fast_layers()
         p1, p2, pc = fc1._parameters, fc2._parameters, conv._parameters
-        if "weight" not in p1 or "weight" not in p2 or "weight" not in pc or tree_hooked(self):
-            # a parametrized or pruned weight (computed on access), or hooks on the submodules: run the
-            # submodules, which compute their weights and run their hooks, as the unfused modules do
+        if parametrized(fc1, fc2, conv, bn) or "weight" not in p1 or "weight" not in p2 or "weight" not in pc or \
+                must_run_submodules(_ops.OP, ca, sa, fc1, fc2, conv, bn, *ca._modules.values(), *ca._mlp_children(),
+                                    *sa._modules.values()):
+            # a parametrized or pruned parameter (computed on access), or hooks on the submodules: call the
+            # submodules, which compute their parameters and run their hooks, as the unfused modules do
             xg = x * ca(x)
             return xg * sa(xg)
         w1, b1, w2, b2 = p1["weight"], p1.get("bias"), p2["weight"], p2.get("bias")

@@ -23,11 +23,10 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from fastnn.nn._hooks import hooked
+from fastnn.nn._hooks import must_run_submodules, own_hooks
 from fastnn.ops import conv_bn_relu as _ops
 
 __all__ = ["ConvBNReLU2d", "ConvBN2d", "convert_sync_batchnorm", "remap_sequential_state_dict"]
-
 
 
 def remap_sequential_state_dict(state_dict: Dict[str, Tensor], prefix: str = "") -> Dict[str, Tensor]:
@@ -166,14 +165,16 @@ class _ConvBNBase(nn.Module):
         conv, bn = self.conv, self.bn
         if self.backend == "reference":
             return self._reference_forward(input)
-        if hooked(conv, bn):
+        training = bn.training
+        if must_run_submodules(_ops.OP, conv, bn):
             # hooks on the submodules (torch.nn.utils.prune's pre-hook recomputes conv.weight, say) run only
             # when the submodules themselves are called
-            if self.sync_stats:
+            if not (self.sync_stats and training and self._world_size() > 1):
+                return self._reference_forward(input)  # (one process: plain BN is SyncBatchNorm's result)
+            if own_hooks(bn):
                 raise NotImplementedError(f"{type(self).__name__}(sync_stats=True) does not run hooks registered on "
-                                          f"its conv or bn submodules; register them on the block instead")
-            return self._reference_forward(input)
-        training = bn.training
+                                          f"its bn submodule when it syncs; register them on the block instead")
+            # else the synced path below calls self.conv, so the conv's hooks run
         if not training and not (bn.running_mean is None and bn.running_var is None):
             return self._eval_forward(input, conv, bn)
         # BatchNorm2d.forward's bookkeeping, in effect. With a momentum, num_batches_tracked is incremented

@@ -93,17 +93,6 @@ def _create_graph_backward(grad_out, input, weight, bias, eps, relu, running=Non
     return tuple(next(grads) if t is not None and t.requires_grad else None for t in (input, weight, bias))
 
 
-def _no_double_backward(name):
-    def backward(ctx, *grads):
-        raise NotImplementedError(f"fastnn::{name} has no derivative of its own; higher-order gradients of "
-                                  f"BatchNorm(+ReLU) go through fastnn.functional.batch_norm_relu or the modules")
-    return backward
-
-
-def _noop_setup(ctx, inputs, output):
-    pass
-
-
 if HAVE_OPS:
     _lib = torch.ops.fastnn
 
@@ -187,9 +176,6 @@ if HAVE_OPS:
     @torch.library.register_fake("fastnn::bn_relu_update_running")
     def _fake_update_running(running_mean, running_var, num_batches_tracked, mean, var, count, momentum):
         return None
-
-    for _name in ("bn_relu_backward", "bn_relu_backward_reduce", "bn_relu_backward_elemt"):
-        torch.library.register_autograd(f"fastnn::{_name}", _no_double_backward(_name), setup_context=_noop_setup)
 
     _train_op = _lib.bn_relu_train.default
     _backward_op = _lib.bn_relu_backward.default
@@ -459,8 +445,9 @@ class _SyncBNReLU(torch.autograd.Function):
         input, mean, var, weight, bias = ctx.saved_tensors
         C = input.shape[1]
         if input.numel() > 0:
-            sum_dz, sum_dz_xmu = torch.ops.fastnn.bn_relu_backward_reduce(grad_out, input, mean, var, weight, bias,
-                                                                          ctx.eps, ctx.relu)
+            with _below_autograd():  # once_differentiable: no graph to record
+                sum_dz, sum_dz_xmu = torch.ops.fastnn.bn_relu_backward_reduce(grad_out, input, mean, var, weight,
+                                                                              bias, ctx.eps, ctx.relu)
         else:
             sum_dz = sum_dz_xmu = mean.new_zeros((C,))
         need = ctx.needs_input_grad
@@ -471,8 +458,9 @@ class _SyncBNReLU(torch.autograd.Function):
             both = torch.cat([sum_dz, sum_dz_xmu])
             dist.all_reduce(both, group=ctx.group)
             if input.numel() > 0:
-                dx = torch.ops.fastnn.bn_relu_backward_elemt(grad_out, input, mean, var, weight, bias, both[:C],
-                                                             both[C:], ctx.count, ctx.eps, ctx.relu)
+                with _below_autograd():
+                    dx = torch.ops.fastnn.bn_relu_backward_elemt(grad_out, input, mean, var, weight, bias, both[:C],
+                                                                 both[C:], ctx.count, ctx.eps, ctx.relu)
             else:
                 dx = torch.zeros_like(input)
         return dx, gw, gb, None, None, None, None, None, None
@@ -566,6 +554,8 @@ def conv2d_bias_relu(input: Tensor, weight: Tensor, bias: Optional[Tensor], stri
     if not autocast and (input.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype)):
         # PyTorch's own error for mixed dtypes (integer input included), as F.conv2d raises it
         return F.relu(F.conv2d(input, weight, bias, stride, padding, dilation, groups))
+    if autocast and input.dtype == torch.float64 and weight.dtype != torch.float64:
+        return F.relu(F.conv2d(input, weight, bias, stride, padding, dilation, groups))  # autocast's own error
     if autocast and input.dtype != torch.float64:  # the fused ops are not autocast-aware: cast as F.conv2d
         input = input.to(torch.get_autocast_dtype(dev))  # would (autocast leaves float64 alone)
     dt = input.dtype

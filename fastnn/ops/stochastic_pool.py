@@ -218,18 +218,7 @@ class _ScatterToSampled(torch.autograd.Function):
         return torch.gather(cols, 2, idx).view(n, c, oh, ow), None, None, None
 
 
-def _no_double_backward(ctx, *grads):
-    raise NotImplementedError("fastnn::stochastic_pool2d_backward has no derivative of its own; higher-order "
-                              "gradients go through fastnn.functional.stochastic_pool2d")
-
-
-def _noop_setup(ctx, inputs, output):
-    pass
-
-
 if hasattr(torch.ops.fastnn, OP):
     torch.library.register_fake("fastnn::stochastic_pool2d")(_fake_forward)
     torch.library.register_fake("fastnn::stochastic_pool2d_backward")(_fake_backward)
     torch.library.register_autograd("fastnn::stochastic_pool2d", _backward, setup_context=_setup_context)
-    torch.library.register_autograd("fastnn::stochastic_pool2d_backward", _no_double_backward,
-                                    setup_context=_noop_setup)
