@@ -398,8 +398,10 @@ def _looks_like_cbam(m: nn.Module) -> bool:
 def _convert_cbam(m: nn.Module, path: str, report: ConversionReport) -> Optional[nn.Module]:
     import fastnn.nn as fnn
     tn = _tname(m)
-    if _has_hooks(m):
-        report.skipped.append(Skipped(path, tn, "cbam", "has forward/backward hooks"))
+    hooked = [n for n, sub in m.named_modules() if _has_hooks(sub)]
+    if hooked:  # the new module would not carry them (and the probe below would run them)
+        where = "it" if hooked == [""] else ", ".join(n or "itself" for n in hooked)
+        report.skipped.append(Skipped(path, tn, "cbam", f"has forward/backward hooks ({where})"))
         return None
     try:
         new = fnn.CBAM.from_module(m)
@@ -551,14 +553,33 @@ def _called_children(m: nn.Module):
             yield name, c
 
 
+# Words in a forward's source that change or read the grad/autocast mode: symbolic tracing records none
+# of it (a `with torch.no_grad():` block or an autocast region would be dropped from the rewrite).
+_MODE_WORDS = ("no_grad", "enable_grad", "inference_mode", "grad_enabled", "autocast")
+
+
 def _untraceable_reason(m: nn.Module) -> Optional[str]:
+    fwd = type(m).forward
+    if getattr(fwd, "__wrapped__", None) is not None:
+        return "its forward is decorated (torch.fx would drop the decorator, e.g. @torch.no_grad())"
     try:
         sig = inspect.signature(m.forward)
     except (TypeError, ValueError):
         return "its forward has no readable signature"
+    try:
+        src = inspect.getsource(fwd)
+    except (OSError, TypeError):
+        return "its forward's source is unavailable (cannot check it for grad/autocast mode changes)"
+    for word in _MODE_WORDS:
+        if word in src:
+            return f"its forward uses {word} (torch.fx records no grad/autocast mode change)"
     for p in sig.parameters.values():
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.default is not p.empty:
             return (f"forward has an optional or variadic argument ({p.name}); torch.fx would fix its value "
+                    f"at conversion")
+        if "Optional" in str(p.annotation) or "None" in str(p.annotation) or re.search(
+                rf"\b{re.escape(p.name)}\s+is\s+(not\s+)?None\b|isinstance\(\s*{re.escape(p.name)}\b", src):
+            return (f"forward tests its argument {p.name} (None or a type); torch.fx would fix the branch "
                     f"at conversion")
     return None
 
@@ -775,7 +796,54 @@ def _rebuild_rewritten(base: type, stub: torch.fx.GraphModule):
     return cls.__new__(cls)  # the state comes next, through nn.Module.__setstate__
 
 
+def _seq_call_problem(root: nn.Module, path: str, traced: dict) -> Optional[str]:
+    """Why the nn.Sequential at `path` may not be called as a whole (fusing inside it would change what
+    its elements return to a forward that calls them one by one), or None. The forward that calls it is
+    the one of its nearest ancestor with a forward of its own (default nn.Sequentials and
+    ModuleList/ModuleDict in between pass their elements on whole); that forward is traced (shallow,
+    `traced` caches it) and must call the Sequential, or a default Sequential holding it, and never
+    anything inside it. No such ancestor: the root Sequential, which the caller calls."""
+    parts = path.split(".") if path else []
+    for k in range(len(parts) - 1, -1, -1):
+        anc_path = ".".join(parts[:k])
+        anc = _get(root, anc_path)
+        if isinstance(anc, _CONTAINERS) or (isinstance(anc, nn.Sequential)
+                                            and type(anc).forward is nn.Sequential.forward):
+            continue
+        targets = traced.get(anc_path)
+        if targets is None:
+            try:
+                g = _ShallowTracer().trace(anc)
+                targets = {n.target for n in g.nodes if n.op in ("call_module", "get_attr")}
+            except Exception as e:  # noqa: BLE001 - whatever stops fx: cannot check
+                targets = f"{_tname(anc)}.forward could not be traced ({type(e).__name__}) to check that it " \
+                          f"calls this nn.Sequential as a whole"
+            traced[anc_path] = targets
+        rel = ".".join(parts[k:])
+        if isinstance(targets, str):
+            # untraceable (data-dependent control flow, say): its source may still show that every use of a
+            # direct child is a call, self.<name>(...)
+            return None if "." not in rel and _only_called_in_source(anc, rel) else targets
+        if any(t.startswith(rel + ".") for t in targets):
+            return f"{_tname(anc)}.forward uses its elements one by one"
+        if not any(rel == t or rel.startswith(t + ".") for t in targets):
+            return f"{_tname(anc)}.forward does not call it (or a plain nn.Sequential holding it) where fx can see"
+        return None
+    return None
+
+
+def _only_called_in_source(m: nn.Module, name: str) -> bool:
+    """Whether type(m).forward's source uses self.<name> at least once and only as self.<name>(...)."""
+    try:
+        src = inspect.getsource(type(m).forward)
+    except (OSError, TypeError):
+        return False
+    uses = re.findall(rf"self\.{re.escape(name)}\b\s*(.?)", src)
+    return bool(uses) and all(u == "(" for u in uses)
+
+
 def _sequential_pass(root: nn.Module, report: ConversionReport, occurrences: Counter, indexed: set) -> None:
+    traced: dict = {}
     for path, seq in list(_walk(root)):
         if not isinstance(seq, nn.Sequential) or _is_fastnn(seq):
             continue
@@ -793,6 +861,8 @@ def _sequential_pass(root: nn.Module, report: ConversionReport, occurrences: Cou
                 why = f"{_tname(seq)} is an nn.Sequential with its own forward"
             if why is None and id(seq) in indexed:
                 why = "its elements are called one by one from a traced forward"
+            if why is None:
+                why = _seq_call_problem(root, path, traced)
             if why is None and _has_hooks(seq):
                 why = f"the {_tname(seq)} has forward/backward hooks"
             if why is not None:

@@ -578,6 +578,82 @@ class ListModel(nn.Module):
         return x
 
 
+
+class FrozenStem(nn.Module):  # forward decorated: fx would drop the decorator
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+
+    @torch.no_grad()
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+class FrozenBlock(nn.Module):  # a no_grad region inside forward: fx records no grad-mode change
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        with torch.no_grad():
+            x = F.relu(self.bn(self.conv(x)))
+        return self.head(x)
+
+
+class OptionalMask(nn.Module):  # an argument tested for None: fx would freeze the branch
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+
+    def forward(self, x, mask):
+        y = self.bn(self.conv(x))
+        if mask is not None:
+            y = y * mask
+        return y
+
+
+class Taps(nn.Module):  # a Sequential run element by element, BatchNorm outputs kept (perceptual losses)
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                      nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+
+    def forward(self, x):
+        outs = []
+        for i, layer in enumerate(self.features):
+            x = layer(x)
+            if i in (1, 4):
+                outs.append(x)
+        return torch.cat([o.flatten(1) for o in outs], 1)
+
+
+@pytest.mark.parametrize("cls, why", [(FrozenStem, "decorated"), (FrozenBlock, "no_grad"),
+                                      (OptionalMask, "mask"), (Taps, "one by one")])
+def test_forwards_fx_cannot_rewrite_faithfully(cls, why):
+    model = cls().train()
+    conv, report = convert(model)
+    assert why in str(report), str(report)
+    assert not report.replacements and not report.rewritten
+    x = torch.randn(2, 3, 6, 6, requires_grad=True)
+    args = (x, None) if cls is OptionalMask else (x,)
+    model.eval()
+    conv.eval()
+    ya, yb = model(*args), conv(*args)
+    torch.testing.assert_close(yb, ya)
+    assert ya.requires_grad == yb.requires_grad
+
+
+def test_hooks_inside_a_cbam_keep_it_unconverted():
+    model = TutCBAM(16)
+    calls = []
+    model.spatial_attention.register_forward_hook(lambda *a: calls.append(1))
+    conv, report = convert(model)
+    assert calls == []  # convert's probe forward did not run the user's hook
+    assert not report.replacements and "hooks (spatial_attention)" in str(report)
+    conv(torch.randn(2, 16, 5, 5))
+    assert calls == [1]
+
 def test_untraceable_falls_back_to_module_walk():
     model = Untraceable()
     conv, report = convert(model)
