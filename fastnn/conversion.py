@@ -51,6 +51,8 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fastnn.nn._hooks import global_hooks, own_hooks
+
 OPS = ("conv_bn_relu", "cbam", "drop_block", "attention")
 
 __all__ = ["convert", "ConversionReport", "Replacement", "Skipped", "original_state_dict",
@@ -232,10 +234,9 @@ def convert(model: nn.Module, *, ops: Optional[Iterable[str]] = None, inplace: b
         _find_sdpa_calls(model, report)
     if "conv_bn_relu" in ops:
         occurrences = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
-        indexed = set()
         if trace:
-            _fx_pass(model, report, occurrences, indexed)
-        _sequential_pass(model, report, occurrences, indexed)
+            _fx_pass(model, report, occurrences)
+        _sequential_pass(model, report, occurrences)
     prev = getattr(model, _REPORT_ATTR, None)
     if isinstance(prev, ConversionReport) and prev.key_map:  # converted before: keys map back to the first model
         moved = set(report.key_map.values())
@@ -522,11 +523,27 @@ def _fuse(conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool) -> nn.Module:
     return block
 
 
+def _mode_state():
+    return (torch.is_grad_enabled(), torch.is_inference_mode_enabled(), torch.is_autocast_enabled("cpu"),
+            torch.is_autocast_enabled("cuda"))
+
+
 class _ShallowTracer(torch.fx.Tracer):
-    """Traces only the module's own forward: every submodule call is a leaf (call_module)."""
+    """Traces only the module's own forward: every submodule call is a leaf (call_module). A grad or
+    autocast mode change while tracing (a no_grad block, in forward or in a helper it calls) raises:
+    fx records no mode, so the rewrite would drop it."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return True
+
+    def trace(self, root, *args, **kwargs):
+        self._fastnn_modes = _mode_state()
+        return super().trace(root, *args, **kwargs)
+
+    def create_node(self, *args, **kwargs):
+        if _mode_state() != self._fastnn_modes:
+            raise RuntimeError("the forward changes the grad/autocast mode (no_grad, autocast, ...)")
+        return super().create_node(*args, **kwargs)
 
 
 def _fx_candidates(root: nn.Module) -> List[str]:
@@ -590,8 +607,10 @@ def _trace(m: nn.Module) -> torch.fx.Graph:
     try:
         graphs = []
         for mode in (True, False):
-            m.train(mode)
-            graphs.append(_ShallowTracer().trace(m))
+            mc = copy.copy(m)  # attributes the forward sets while traced land on the copy, not the model
+            mc.train(mode)
+            with torch.enable_grad(), torch.autocast("cpu", enabled=False):
+                graphs.append(_ShallowTracer().trace(mc))
     except Exception as e:  # noqa: BLE001 - whatever stops fx, fall back to the module walk
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise _NotTraced(f"torch.fx: {type(e).__name__}: {msg[:160]}") from None
@@ -644,7 +663,7 @@ def _slot_problem(m: nn.Module, target: str) -> Optional[str]:
     return None
 
 
-def _fx_pass(root: nn.Module, report: ConversionReport, occurrences: Counter, indexed: set) -> None:
+def _fx_pass(root: nn.Module, report: ConversionReport, occurrences: Counter) -> None:
     paths = _fx_candidates(root)
     paths.sort(key=lambda p: -p.count(".") - bool(p))  # deepest first (paths stay valid)
     for path in paths:
@@ -664,26 +683,14 @@ def _fx_pass(root: nn.Module, report: ConversionReport, occurrences: Counter, in
                     report.skipped.append(Skipped(_join(path, name), _tname(c), "conv_bn_relu",
                                                   f"called from {tn}.forward, which was not traced"))
             continue
-        _rewrite(m, path, graph, report, occurrences, indexed)
-
-
-def _parents(m: nn.Module, name: str):
-    parts = name.split(".")
-    cur = m
-    for p in parts[:-1]:
-        cur = cur._modules[p]
-        yield cur
+        _rewrite(m, path, graph, report, occurrences)
 
 
 def _rewrite(m: nn.Module, path: str, graph: torch.fx.Graph, report: ConversionReport,
-             occurrences: Counter, indexed: set) -> None:
+             occurrences: Counter) -> None:
     mods = dict(m.named_modules(remove_duplicate=False))
     calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
     attrs = [n.target for n in graph.nodes if n.op == "get_attr"]
-    for t in calls:  # nn.Sequential elements called one by one: the walk must leave that Sequential alone
-        for s in _parents(m, t):
-            if isinstance(s, nn.Sequential):
-                indexed.add(id(s))
     tn = _tname(m)
     sites = []
     for node in graph.nodes:
@@ -796,59 +803,17 @@ def _rebuild_rewritten(base: type, stub: torch.fx.GraphModule):
     return cls.__new__(cls)  # the state comes next, through nn.Module.__setstate__
 
 
-def _seq_call_problem(root: nn.Module, path: str, traced: dict) -> Optional[str]:
-    """Why the nn.Sequential at `path` may not be called as a whole (fusing inside it would change what
-    its elements return to a forward that calls them one by one), or None. The forward that calls it is
-    the one of its nearest ancestor with a forward of its own (default nn.Sequentials and
-    ModuleList/ModuleDict in between pass their elements on whole); that forward is traced (shallow,
-    `traced` caches it) and must call the Sequential, or a default Sequential holding it, and never
-    anything inside it. No such ancestor: the root Sequential, which the caller calls."""
-    parts = path.split(".") if path else []
-    for k in range(len(parts) - 1, -1, -1):
-        anc_path = ".".join(parts[:k])
-        anc = _get(root, anc_path)
-        if isinstance(anc, _CONTAINERS) or (isinstance(anc, nn.Sequential)
-                                            and type(anc).forward is nn.Sequential.forward):
-            continue
-        targets = traced.get(anc_path)
-        if targets is None:
-            try:
-                g = _ShallowTracer().trace(anc)
-                targets = {n.target for n in g.nodes if n.op in ("call_module", "get_attr")}
-            except Exception as e:  # noqa: BLE001 - whatever stops fx: cannot check
-                targets = f"{_tname(anc)}.forward could not be traced ({type(e).__name__}) to check that it " \
-                          f"calls this nn.Sequential as a whole"
-            traced[anc_path] = targets
-        rel = ".".join(parts[k:])
-        if isinstance(targets, str):
-            # untraceable (data-dependent control flow, say): its source may still show that every use of a
-            # direct child is a call, self.<name>(...)
-            return None if "." not in rel and _only_called_in_source(anc, rel) else targets
-        if any(t.startswith(rel + ".") for t in targets):
-            return f"{_tname(anc)}.forward uses its elements one by one"
-        if not any(rel == t or rel.startswith(t + ".") for t in targets):
-            return f"{_tname(anc)}.forward does not call it (or a plain nn.Sequential holding it) where fx can see"
-        return None
-    return None
-
-
-def _only_called_in_source(m: nn.Module, name: str) -> bool:
-    """Whether type(m).forward's source uses self.<name> at least once and only as self.<name>(...)."""
-    try:
-        src = inspect.getsource(type(m).forward)
-    except (OSError, TypeError):
-        return False
-    uses = re.findall(rf"self\.{re.escape(name)}\b\s*(.?)", src)
-    return bool(uses) and all(u == "(" for u in uses)
-
-
-def _sequential_pass(root: nn.Module, report: ConversionReport, occurrences: Counter, indexed: set) -> None:
-    traced: dict = {}
+def _sequential_pass(root: nn.Module, report: ConversionReport, occurrences: Counter) -> None:
+    """Conv-BN(-ReLU) runs inside plain nn.Sequentials. The elements stay the original modules; the
+    Sequential's class becomes a subclass whose forward runs each run as one fused block (sharing the
+    modules' tensors). So code that calls the elements one by one (a feature tap, `seq[:2]`) and the
+    state_dict see exactly the original model; only the whole-Sequential call is fused."""
     for path, seq in list(_walk(root)):
-        if not isinstance(seq, nn.Sequential) or _is_fastnn(seq):
+        if not isinstance(seq, nn.Sequential) or _is_fastnn(seq) or "_fastnn_plan" in seq.__dict__:
             continue
         items = list(seq._modules.items())
         custom = type(seq).forward is not nn.Sequential.forward
+        plan = {}
         i = 0
         while i < len(items) - 1:
             (n0, a), (n1, b) = items[i], items[i + 1]
@@ -859,10 +824,6 @@ def _sequential_pass(root: nn.Module, report: ConversionReport, occurrences: Cou
             why = _pair_problems(a, b, occurrences)
             if why is None and custom:
                 why = f"{_tname(seq)} is an nn.Sequential with its own forward"
-            if why is None and id(seq) in indexed:
-                why = "its elements are called one by one from a traced forward"
-            if why is None:
-                why = _seq_call_problem(root, path, traced)
             if why is None and _has_hooks(seq):
                 why = f"the {_tname(seq)} has forward/backward hooks"
             if why is not None:
@@ -871,21 +832,77 @@ def _sequential_pass(root: nn.Module, report: ConversionReport, occurrences: Cou
                 continue
             relu = None
             if i + 2 < len(items):
-                n2, c = items[i + 2]
+                c = items[i + 2][1]
                 if type(c) is nn.ReLU and not _has_hooks(c):
-                    relu = n2
+                    relu = c
             fused = _fuse(a, b, relu is not None)
-            seq._modules[n0] = fused
-            seq._modules[n1] = nn.Identity().train(b.training)  # indices (and the keys after them) stay
-            if relu is not None:
-                seq._modules[relu] = nn.Identity().train(items[i + 2][1].training)
-            report.key_map[_join(path, n0, "conv")] = where
-            report.key_map[_join(path, n0, "bn")] = _join(path, n1)
+            plan[i] = (fused, relu)
             old = "Conv2d -> BatchNorm2d" + (" -> ReLU" if relu is not None else "")
             after = ""
             if relu is None and i + 2 < len(items):
                 after = f"; followed by {_tname(items[i + 2][1])} (not fused)"
+            last = items[i + 2][0] if relu is not None else n1
             report.replacements.append(Replacement(where, old, _tname(fused), "conv_bn_relu", "module walk",
-                                                   f"{_tname(seq)} items {n0}-{relu or n1}" + after))
+                                                   f"{_tname(seq)} items {n0}-{last}, fused when the "
+                                                   f"{_tname(seq)} is called whole" + after))
             i += 3 if relu is not None else 2
+        if plan:
+            seq.__class__ = _fused_sequential_class(type(seq))
+            seq.__dict__["_fastnn_plan"] = plan
 
+
+_FUSED_SEQUENTIAL: Dict[type, type] = {}
+_SEQUENTIAL_FORWARD = nn.Sequential.forward
+
+
+def _fused_sequential_class(base: type) -> type:
+    """`base` (an nn.Sequential class with the default forward) with _fused_sequential_forward."""
+    cls = _FUSED_SEQUENTIAL.get(base)
+    if cls is None:
+        cls = type(base.__name__, (base,), {
+            "forward": _fused_sequential_forward, "__module__": base.__module__,
+            "__qualname__": base.__qualname__, "__doc__": base.__doc__,
+            "__reduce_ex__": _fused_sequential_reduce_ex, "_fastnn_seq_base": base})
+        _FUSED_SEQUENTIAL[base] = cls
+    return cls
+
+
+def _fused_sequential_forward(self, input):
+    # _fastnn_plan: {index of a run's conv: (fused block, the run's nn.ReLU or None)}. The plan holds while
+    # the elements at those indices are still the block's conv and bn (and that ReLU) and nobody hooked
+    # them since; else (the Sequential was edited, hooks were added) everything runs unfused.
+    plan = self.__dict__.get("_fastnn_plan")
+    mods = list(self._modules.values())
+    if not plan or not _plan_holds(plan, mods):
+        return _SEQUENTIAL_FORWARD(self, input)
+    i, n = 0, len(mods)
+    while i < n:
+        run = plan.get(i)
+        if run is None:
+            input = mods[i](input)
+            i += 1
+        else:
+            input = run[0](input)
+            i += 2 if run[1] is None else 3
+    return input
+
+
+def _plan_holds(plan, mods) -> bool:
+    if global_hooks():
+        return False
+    for i, (block, relu) in plan.items():
+        end = i + (2 if relu is None else 3)
+        if end > len(mods) or mods[i] is not block.conv or mods[i + 1] is not block.bn or \
+                (relu is not None and mods[i + 2] is not relu) or own_hooks(mods[i], mods[i + 1], relu):
+            return False
+    return True
+
+
+def _fused_sequential_reduce_ex(self, protocol):
+    # pickle / deepcopy: the base class by reference; the plan travels in __dict__
+    return (_rebuild_fused_sequential, (type(self)._fastnn_seq_base,), self.__dict__)
+
+
+def _rebuild_fused_sequential(base: type):
+    cls = _fused_sequential_class(base)
+    return cls.__new__(cls)

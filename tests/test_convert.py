@@ -136,7 +136,12 @@ def test_torchvision_resnet18():
     assert not report.skipped and not report.fallbacks
     # the shared self.relu is kept (used after the residual add); conv1 + bn1 + relu call became one block
     assert isinstance(conv.layer1[0].conv1, fnn.ConvBNReLU2d) and isinstance(conv.layer1[0].relu, nn.ReLU)
-    assert isinstance(conv.layer2[0].downsample[0], fnn.ConvBN2d)
+    # in a Sequential the elements stay; the Sequential's forward runs the fused block for them
+    down = conv.layer2[0].downsample
+    assert type(down[0]) is nn.Conv2d and type(down[1]) is nn.BatchNorm2d
+    block, relu = down._fastnn_plan[0]
+    assert isinstance(block, fnn.ConvBN2d) and block.conv is down[0] and block.bn is down[1] and relu is None
+    assert isinstance(down, nn.Sequential) and type(down).__name__ == "Sequential"
     x = torch.randn(2, 3, 64, 64)
     check_eval(model, conv, x)
     check_train_step(model, conv, report, x)
@@ -629,7 +634,7 @@ class Taps(nn.Module):  # a Sequential run element by element, BatchNorm outputs
 
 
 @pytest.mark.parametrize("cls, why", [(FrozenStem, "decorated"), (FrozenBlock, "no_grad"),
-                                      (OptionalMask, "mask"), (Taps, "one by one")])
+                                      (OptionalMask, "mask")])
 def test_forwards_fx_cannot_rewrite_faithfully(cls, why):
     model = cls().train()
     conv, report = convert(model)
@@ -642,6 +647,26 @@ def test_forwards_fx_cannot_rewrite_faithfully(cls, why):
     ya, yb = model(*args), conv(*args)
     torch.testing.assert_close(yb, ya)
     assert ya.requires_grad == yb.requires_grad
+
+
+def test_sequential_elements_called_one_by_one():
+    # the Sequential's elements stay the original modules (a tap reads the BatchNorm's own output); only
+    # the whole-Sequential call runs the fused blocks. Before, the elements became [fused, Identity,
+    # Identity] and the tapped BatchNorm outputs came back ReLU'd.
+    model = Taps()
+    conv, report = convert(model)
+    assert_counts(report, {"ConvBNReLU2d": 2})
+    assert list(conv.state_dict()) == list(model.state_dict()) and not report.key_map
+    x = torch.randn(2, 3, 6, 6)
+    check_eval(model, conv, x)
+    check_train_step(model, conv, report, x)
+    model.eval()
+    conv.eval()
+    torch.testing.assert_close(conv.features(x), model.features(x))
+    # an edited Sequential (the plan's modules moved) runs unfused, still right
+    conv.features.insert(0, nn.Identity())
+    model.features.insert(0, nn.Identity())
+    torch.testing.assert_close(conv.features(x), model.features(x))
 
 
 def test_hooks_inside_a_cbam_keep_it_unconverted():
