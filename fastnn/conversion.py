@@ -609,8 +609,12 @@ def _trace(m: nn.Module) -> torch.fx.Graph:
         for mode in (True, False):
             mc = copy.copy(m)  # attributes the forward sets while traced land on the copy, not the model
             mc.train(mode)
+            before = dict(mc.__dict__)
             with torch.enable_grad(), torch.autocast("cpu", enabled=False):
                 graphs.append(_ShallowTracer().trace(mc))
+            _check_no_state_writes(before, mc.__dict__)
+    except _NotTraced:
+        raise
     except Exception as e:  # noqa: BLE001 - whatever stops fx, fall back to the module walk
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise _NotTraced(f"torch.fx: {type(e).__name__}: {msg[:160]}") from None
@@ -624,6 +628,20 @@ def _trace(m: nn.Module) -> torch.fx.Graph:
 
 class _NotTraced(Exception):
     pass
+
+
+def _check_no_state_writes(before: dict, after: dict) -> None:
+    """A forward that stores something on self (a feature tap, a call counter) does it at trace time only:
+    fx records no attribute write, so the rewrite would drop it. Raises _NotTraced when an attribute was
+    added or rebound, or a container attribute (shared with the model by the shallow copy) got a traced
+    value."""
+    changed = [k for k in after if k not in before or after[k] is not before[k]]
+    changed = [k for k in changed if k != "training"]
+    proxied = [k for k, v in after.items() if isinstance(v, (list, dict, tuple, set)) and any(
+        isinstance(e, torch.fx.Proxy) for e in (v.values() if isinstance(v, dict) else v))]
+    if changed or proxied:
+        names = ", ".join(sorted(set(changed + proxied)))
+        raise _NotTraced(f"its forward sets attributes ({names}), which a traced graph would not")
 
 
 def _relu_user(node: torch.fx.Node, mods: Dict[str, nn.Module]):
@@ -812,7 +830,7 @@ def _sequential_pass(root: nn.Module, report: ConversionReport, occurrences: Cou
         if not isinstance(seq, nn.Sequential) or _is_fastnn(seq) or "_fastnn_plan" in seq.__dict__:
             continue
         items = list(seq._modules.items())
-        custom = type(seq).forward is not nn.Sequential.forward
+        custom = getattr(type(seq), "_fastnn_seq_base", type(seq)).forward is not nn.Sequential.forward
         plan = {}
         i = 0
         while i < len(items) - 1:
@@ -836,7 +854,7 @@ def _sequential_pass(root: nn.Module, report: ConversionReport, occurrences: Cou
                 if type(c) is nn.ReLU and not _has_hooks(c):
                     relu = c
             fused = _fuse(a, b, relu is not None)
-            plan[i] = (fused, relu)
+            plan[i] = (fused, a, b, relu)
             old = "Conv2d -> BatchNorm2d" + (" -> ReLU" if relu is not None else "")
             after = ""
             if relu is None and i + 2 < len(items):
@@ -852,11 +870,14 @@ def _sequential_pass(root: nn.Module, report: ConversionReport, occurrences: Cou
 
 
 _FUSED_SEQUENTIAL: Dict[type, type] = {}
+# True inside torch.fx.symbolic_trace (create_feature_extractor, ...), not under torch.compile/export
+_fx_symbolic_tracing = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing", lambda: False)
 _SEQUENTIAL_FORWARD = nn.Sequential.forward
 
 
 def _fused_sequential_class(base: type) -> type:
     """`base` (an nn.Sequential class with the default forward) with _fused_sequential_forward."""
+    base = getattr(base, "_fastnn_seq_base", base)  # a slice of a converted Sequential has the subclass
     cls = _FUSED_SEQUENTIAL.get(base)
     if cls is None:
         cls = type(base.__name__, (base,), {
@@ -868,12 +889,13 @@ def _fused_sequential_class(base: type) -> type:
 
 
 def _fused_sequential_forward(self, input):
-    # _fastnn_plan: {index of a run's conv: (fused block, the run's nn.ReLU or None)}. The plan holds while
-    # the elements at those indices are still the block's conv and bn (and that ReLU) and nobody hooked
-    # them since; else (the Sequential was edited, hooks were added) everything runs unfused.
+    # _fastnn_plan: {index of a run's conv: (fused block, its conv, its bn, the run's nn.ReLU or None)}. The
+    # plan holds while the elements at those indices are still that conv and bn (and that ReLU) and nobody
+    # hooked them since; else (the Sequential was edited, hooks were added, a DataParallel replica) and
+    # under fx tracing (the block is no submodule) everything runs unfused.
     plan = self.__dict__.get("_fastnn_plan")
     mods = list(self._modules.values())
-    if not plan or not _plan_holds(plan, mods):
+    if not plan or _fx_symbolic_tracing() or not _plan_holds(plan, mods):
         return _SEQUENTIAL_FORWARD(self, input)
     i, n = 0, len(mods)
     while i < n:
@@ -883,17 +905,17 @@ def _fused_sequential_forward(self, input):
             i += 1
         else:
             input = run[0](input)
-            i += 2 if run[1] is None else 3
+            i += 2 if run[3] is None else 3
     return input
 
 
 def _plan_holds(plan, mods) -> bool:
     if global_hooks():
         return False
-    for i, (block, relu) in plan.items():
+    for i, (_, conv, bn, relu) in plan.items():
         end = i + (2 if relu is None else 3)
-        if end > len(mods) or mods[i] is not block.conv or mods[i + 1] is not block.bn or \
-                (relu is not None and mods[i + 2] is not relu) or own_hooks(mods[i], mods[i + 1], relu):
+        if end > len(mods) or mods[i] is not conv or mods[i + 1] is not bn or \
+                (relu is not None and mods[i + 2] is not relu) or own_hooks(conv, bn, relu):
             return False
     return True
 

@@ -139,8 +139,8 @@ def test_torchvision_resnet18():
     # in a Sequential the elements stay; the Sequential's forward runs the fused block for them
     down = conv.layer2[0].downsample
     assert type(down[0]) is nn.Conv2d and type(down[1]) is nn.BatchNorm2d
-    block, relu = down._fastnn_plan[0]
-    assert isinstance(block, fnn.ConvBN2d) and block.conv is down[0] and block.bn is down[1] and relu is None
+    block, c, b, relu = down._fastnn_plan[0]
+    assert isinstance(block, fnn.ConvBN2d) and block.conv is c is down[0] and block.bn is b is down[1] and relu is None
     assert isinstance(down, nn.Sequential) and type(down).__name__ == "Sequential"
     x = torch.randn(2, 3, 64, 64)
     check_eval(model, conv, x)
@@ -668,6 +668,39 @@ def test_sequential_elements_called_one_by_one():
     model.features.insert(0, nn.Identity())
     torch.testing.assert_close(conv.features(x), model.features(x))
 
+
+
+class StoresFeature(nn.Module):  # a feature tap stored on self: fx records no attribute write
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        self.feat = y
+        return F.relu(y)
+
+
+def test_forward_that_stores_on_self_is_not_rewritten():
+    model = StoresFeature().eval()
+    conv, report = convert(model)
+    assert "sets attributes (feat)" in str(report.fallbacks) and not report.replacements
+    assert "feat" not in conv.__dict__ and "feat" not in model.__dict__  # tracing left no Proxy behind
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(conv(x), model(x))
+    torch.testing.assert_close(conv.feat, model.feat)
+
+
+def test_converted_sequential_under_fx_and_sliced():
+    model = Taps().eval()
+    conv, _ = convert(model)
+    x = torch.randn(2, 3, 6, 6)
+    gm = torch.fx.symbolic_trace(conv.features)  # the fused blocks are no submodules: fx sees the elements
+    torch.testing.assert_close(gm(x), model.features(x))
+    head = conv.features[:3]  # a slice keeps the subclass but no plan; converting it fuses again
+    conv2, report = convert(head)
+    assert_counts(report, {"ConvBNReLU2d": 1})
+    torch.testing.assert_close(conv2(x), model.features[:3](x))
 
 def test_hooks_inside_a_cbam_keep_it_unconverted():
     model = TutCBAM(16)
