@@ -287,9 +287,8 @@ def _walk(module: nn.Module, prefix: str = ""):
 
 
 def _has_hooks(m: nn.Module) -> bool:
-    return any(len(getattr(m, a, None) or {}) for a in
-               ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
-                "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs"))
+    # (the *_with_kwargs dicts only flag hooks that are in _forward_hooks / _forward_pre_hooks too)
+    return own_hooks(m)
 
 
 def _get(root: nn.Module, path: str) -> nn.Module:
@@ -636,7 +635,6 @@ def _check_no_state_writes(before: dict, after: dict) -> None:
     added or rebound, or a container attribute (shared with the model by the shallow copy) got a traced
     value."""
     changed = [k for k in after if k not in before or after[k] is not before[k]]
-    changed = [k for k in changed if k != "training"]
     proxied = [k for k, v in after.items() if isinstance(v, (list, dict, tuple, set)) and any(
         isinstance(e, torch.fx.Proxy) for e in (v.values() if isinstance(v, dict) else v))]
     if changed or proxied:

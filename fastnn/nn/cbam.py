@@ -316,8 +316,8 @@ class CBAM(nn.Module):
         conv, bn = sa._fast_layers()
         p1, p2, pc = fc1._parameters, fc2._parameters, conv._parameters
         if parametrized(fc1, fc2, conv, bn) or "weight" not in p1 or "weight" not in p2 or "weight" not in pc or \
-                must_run_submodules(_ops.OP, ca, sa, fc1, fc2, conv, bn, *ca._modules.values(), *ca._mlp_children(),
-                                    *sa._modules.values()):
+                must_run_submodules(_ops.OP, ca, sa, *ca._modules.values(), *ca._mlp_children(), *sa._modules.values(),
+                                    conv, bn):  # (fc1/fc2 are among ca's children or its MLP's)
             # a parametrized or pruned parameter (computed on access), or hooks on the submodules: call the
             # submodules, which compute their parameters and run their hooks, as the unfused modules do
             xg = x * ca(x)
